@@ -1,0 +1,23 @@
+"""Errors that name where the bad input is."""
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range.
+
+    ``path`` is the dotted key path inside the config (``kdqat.quant.groups[2].bits``); the message says what
+    was found and what is allowed.
+    """
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class DataError(ValueError):
+    """A data file is malformed. ``source`` is ``file`` or ``file:line``."""
+
+    def __init__(self, source: str, message: str):
+        self.source = source
+        self.message = message
+        super().__init__(f"{source}: {message}")

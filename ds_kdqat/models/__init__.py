@@ -1,0 +1,1 @@
+"""Encoder adapters: the shared attention hook point, taps and intervention points."""
