@@ -1,0 +1,392 @@
+"""The augmentation job: chunks, shards, workers, resume, merge and manifest.
+
+Layout on disk (``parts`` = ``job.parts_dir`` or ``<output>.parts``; it must be shared by all ranks)::
+
+    parts/job.json                 what the job is (input sha256, parameters); a restart must match it
+    parts/chunk-000012.tsv         rows of chunk 12 (a valid task file, header included), written atomically
+    parts/chunk-000012.json        commit marker of chunk 12 (counts, sha256 of the .tsv), written after it
+    <output>                       merged file: header + every chunk's rows in input order
+    <output>.manifest.json         input sha256, parameters, seed, counts per shard, bad rows
+
+Examples are cut into chunks of ``chunk_size`` in input order; chunk k belongs to shard ``k % num_shards``.
+A chunk counts as done only when its marker exists, so a job killed at any point and started again redoes at
+most the chunks in flight, never duplicates or loses rows. Each example's random stream depends only on
+(seed, line number), so the result does not depend on workers, shards or restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ds_kdqat.data.files import atomic_write_text, sha256_file
+from ds_kdqat.data.glue_format import Example, ReadReport, read_task_file, write_task_file
+from ds_kdqat.data.tasks import TaskSpec, get_task
+from ds_kdqat.errors import ConfigError, DataError
+
+from .config import AugmentConfig
+
+logger = logging.getLogger(__name__)
+
+JOB_FORMAT = "ds-kdqat-augment-job"
+MANIFEST_FORMAT = "ds-kdqat-augment-manifest"
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+def shard_from_env(env: Optional[dict] = None) -> tuple[int, int]:
+    """(index, count) from RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS, else (0, 1)."""
+    env = os.environ if env is None else env
+    for rank_key, size_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_key in env and size_key in env:
+            try:
+                return int(env[rank_key]), int(env[size_key])
+            except ValueError:
+                raise ConfigError("augment.job.shard_index", f"{rank_key}={env[rank_key]!r} / {size_key}={env[size_key]!r} are not integers") from None
+    return 0, 1
+
+
+def resolve_shard(cfg: AugmentConfig) -> tuple[int, int]:
+    env_index, env_count = shard_from_env()
+    count = cfg.job.num_shards if cfg.job.num_shards is not None else env_count
+    index = cfg.job.shard_index if cfg.job.shard_index is not None else (env_index if cfg.job.num_shards is None else 0)
+    if not 0 <= index < count:
+        raise ConfigError("augment.job.shard_index", f"shard {index} is not in [0, {count})")
+    return index, count
+
+
+def default_input(cfg: AugmentConfig, spec: TaskSpec) -> Path:
+    """The task's train file: for the embedded task, the materialised default split."""
+    if cfg.input is not None:
+        return Path(cfg.input)
+    if not spec.embedded:
+        raise ConfigError("augment.input", f"task {spec.name!r} needs an input file (its {spec.split_files['train']})")
+    from ds_kdqat.data.config import DataConfig
+    from ds_kdqat.data.loading import task_dir
+
+    return task_dir(DataConfig(task=spec.name)) / spec.split_files["train"]
+
+
+def default_output(cfg: AugmentConfig, input_path: Path) -> Path:
+    if cfg.output is not None:
+        return Path(cfg.output)
+    return input_path.with_name(f"{input_path.stem}_aug{input_path.suffix or '.tsv'}")
+
+
+def _file_sha(path: Optional[str]) -> Optional[str]:
+    return sha256_file(path) if path is not None and os.path.isfile(path) else None
+
+
+def job_identity(cfg: AugmentConfig, input_sha256: str) -> dict:
+    """Everything the output depends on (not workers, shards or batch size)."""
+    return {
+        "format": JOB_FORMAT,
+        "task": cfg.task,
+        "input_sha256": input_sha256,
+        "num_candidates": cfg.num_candidates,
+        "replace_prob": float(cfg.replace_prob),
+        "num_new": cfg.resolved_num_new(),
+        "seed": cfg.seed,
+        "candidate_source": cfg.candidate_source,
+        "stopwords_sha256": _file_sha(cfg.stopwords),
+        "glove": {"path": cfg.glove.path, "format": cfg.glove.format, "vocab_size": cfg.glove.vocab_size},
+        "mlm": {
+            "model": cfg.mlm.model,
+            "head": cfg.mlm.head,
+            "head_sha256": _file_sha(cfg.mlm.head),
+            "input": cfg.mlm.input,
+            "max_seq_length": cfg.mlm.max_seq_length,
+        },
+        "chunk_size": cfg.job.chunk_size,
+        "on_bad_row": cfg.job.on_bad_row,
+    }
+
+
+@dataclass
+class Plan:
+    """A resolved job: files, shard, chunks of this shard."""
+
+    cfg: AugmentConfig
+    spec: TaskSpec
+    input_path: Path
+    output_path: Path
+    parts_dir: Path
+    shard_index: int
+    num_shards: int
+    examples: list[Example]
+    report: ReadReport
+    identity: dict
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-len(self.examples) // self.cfg.job.chunk_size)
+
+    def chunk_examples(self, k: int) -> list[Example]:
+        size = self.cfg.job.chunk_size
+        return self.examples[k * size : (k + 1) * size]
+
+    def my_chunks(self) -> list[int]:
+        return [k for k in range(self.num_chunks) if k % self.num_shards == self.shard_index]
+
+    def chunk_tsv(self, k: int) -> Path:
+        return self.parts_dir / f"chunk-{k:06d}.tsv"
+
+    def chunk_marker(self, k: int) -> Path:
+        return self.parts_dir / f"chunk-{k:06d}.json"
+
+    def done(self, k: int) -> bool:
+        return self.chunk_marker(k).is_file()
+
+
+def make_plan(cfg: AugmentConfig) -> Plan:
+    """Validate, read the input (bad rows per ``on_bad_row``), check/record the job identity."""
+    cfg.validate("augment")
+    spec = get_task(cfg.task, "augment.task")
+    input_path = default_input(cfg, spec)
+    if not input_path.is_file():
+        raise ConfigError("augment.input", f"{input_path} does not exist")
+    output_path = default_output(cfg, input_path)
+    if output_path.resolve() == input_path.resolve():
+        raise ConfigError("augment.output", f"the output {output_path} would overwrite the input")
+    examples, report = read_task_file(input_path, spec, on_bad_row=cfg.job.on_bad_row)
+    for bad in report.bad_rows:
+        logger.warning("skipped bad row %s", bad)
+    if report.bad_rows:
+        logger.warning("%d bad rows skipped in %s", report.skipped, input_path)
+    index, count = resolve_shard(cfg)
+    parts = Path(cfg.job.parts_dir) if cfg.job.parts_dir is not None else output_path.with_name(output_path.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    identity = job_identity(cfg, sha256_file(input_path))
+    job_file = parts / "job.json"
+    if job_file.is_file():
+        recorded = json.loads(job_file.read_text(encoding="utf-8"))
+        if recorded != identity:
+            diff = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
+            raise ConfigError(
+                "augment.job.parts_dir",
+                f"{parts} holds parts of a different job (differs in: {', '.join(diff)}); "
+                "remove that folder or choose another parts_dir",
+            )
+    else:
+        atomic_write_text(job_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    return Plan(cfg, spec, input_path, output_path, parts, index, count, examples, report, identity)
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+def augmented_rows(example: Example, columns: Sequence[str], spec: TaskSpec, new_texts: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The original row, then for each text field its new texts, the other field kept original."""
+    rows = [list(example.row)]
+    for field_name, texts in zip(spec.text_fields, new_texts):
+        col = list(columns).index(field_name)
+        for text in texts:
+            row = list(example.row)
+            row[col] = text
+            rows.append(row)
+    return rows
+
+
+def _fields(example: Example) -> list[str]:
+    return [example.text_a] if example.text_b is None else [example.text_a, example.text_b]
+
+
+def process_chunk(plan_info: dict, k: int, examples: Sequence[Example], augmenter) -> dict:
+    """Augment one chunk and commit it (tsv, then marker). Returns the marker's content."""
+    spec = get_task(plan_info["task"])
+    new = augmenter.augment([_fields(e) for e in examples], [e.line for e in examples], plan_info["seed"])
+    rows = []
+    for example, texts in zip(examples, new):
+        rows.extend(augmented_rows(example, plan_info["columns"], spec, texts))
+    parts = Path(plan_info["parts_dir"])
+    tsv = parts / f"chunk-{k:06d}.tsv"
+    write_task_file(tsv, spec, rows, header=plan_info["header"])
+    marker = {
+        "chunk": k,
+        "shard": plan_info["shard_index"],
+        "num_shards": plan_info["num_shards"],
+        "examples": len(examples),
+        "rows": len(rows),
+        "first_line": examples[0].line,
+        "last_line": examples[-1].line,
+        "sha256": sha256_file(tsv),
+    }
+    atomic_write_text(parts / f"chunk-{k:06d}.json", json.dumps(marker, sort_keys=True) + "\n")
+    return marker
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+_WORKER: dict = {}
+
+
+def _worker_init(cfg_dict: dict, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from .build import build_augmenter
+
+    _WORKER["augmenter"] = build_augmenter(config_from_dict(cfg_dict))
+
+
+def _worker_run(args) -> dict:
+    plan_info, k, examples = args
+    return process_chunk(plan_info, k, examples, _WORKER["augmenter"])
+
+
+def config_from_dict(d: dict) -> AugmentConfig:
+    from .config import GloveConfig, JobConfig, MLMConfig
+
+    d = dict(d)
+    return AugmentConfig(
+        **{k: v for k, v in d.items() if k not in ("glove", "mlm", "job")},
+        glove=GloveConfig(**d["glove"]),
+        mlm=MLMConfig(**d["mlm"]),
+        job=JobConfig(**d["job"]),
+    )
+
+
+@dataclass
+class ShardResult:
+    shard_index: int
+    num_shards: int
+    chunks_done: int
+    chunks_run: int
+    merged: Optional[Path]
+
+
+def run_shard(cfg: AugmentConfig, augmenter=None) -> ShardResult:
+    """Run this shard's pending chunks (``num_workers`` processes), then merge if every chunk is done.
+
+    ``augmenter``: an already built augmenter for the in-process path (``num_workers == 1``); built from
+    ``cfg`` when None.
+    """
+    plan = make_plan(cfg)
+    mine = plan.my_chunks()
+    pending = [k for k in mine if not plan.done(k)]
+    info = {
+        "task": plan.spec.name,
+        "seed": cfg.seed,
+        "columns": plan.report.columns,
+        "header": plan.report.header,
+        "parts_dir": str(plan.parts_dir),
+        "shard_index": plan.shard_index,
+        "num_shards": plan.num_shards,
+    }
+    total = sum(len(plan.chunk_examples(k)) for k in mine)
+    done_examples = total - sum(len(plan.chunk_examples(k)) for k in pending)
+    logger.info(
+        "shard %d/%d: %d of %d chunks to do (%d done before)",
+        plan.shard_index, plan.num_shards, len(pending), len(mine), len(mine) - len(pending),
+    )
+    bar = _progress(cfg, total, done_examples, f"augment {plan.shard_index}/{plan.num_shards}")
+    if pending:
+        if cfg.job.num_workers == 1:
+            if augmenter is None:
+                from .build import build_augmenter
+
+                augmenter = build_augmenter(cfg)
+            for k in pending:
+                marker = process_chunk(info, k, plan.chunk_examples(k), augmenter)
+                bar.update(marker["examples"])
+        else:
+            threads = max(1, (os.cpu_count() or 1) // cfg.job.num_workers)
+            ctx = mp.get_context("spawn")
+            jobs = [(info, k, plan.chunk_examples(k)) for k in pending]
+            with ctx.Pool(cfg.job.num_workers, _worker_init, (dataclasses.asdict(cfg), threads)) as pool:
+                for marker in pool.imap_unordered(_worker_run, jobs):
+                    bar.update(marker["examples"])
+    bar.close()
+    merged = None
+    if cfg.job.merge:
+        if all(plan.done(k) for k in range(plan.num_chunks)):
+            merged = merge(plan)
+        else:
+            logger.info("shard %d done; other shards still running: the last one merges", plan.shard_index)
+    return ShardResult(plan.shard_index, plan.num_shards, len(mine), len(pending), merged)
+
+
+def _progress(cfg: AugmentConfig, total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="ex", disable=not cfg.job.progress, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def merge(plan: Plan) -> Path:
+    """Concatenate every chunk's rows in input order into the output (streamed, atomic) + manifest."""
+    markers = []
+    for k in range(plan.num_chunks):
+        if not plan.done(k):
+            raise DataError(str(plan.chunk_marker(k)), "chunk not done yet: run the remaining shards first")
+        marker = json.loads(plan.chunk_marker(k).read_text(encoding="utf-8"))
+        if sha256_file(plan.chunk_tsv(k)) != marker["sha256"]:
+            raise DataError(str(plan.chunk_tsv(k)), "content does not match its marker's sha256; delete both and rerun")
+        markers.append(marker)
+    out = plan.output_path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst:
+            for k in range(plan.num_chunks):
+                with open(plan.chunk_tsv(k), "rb") as src:
+                    if k > 0 and plan.report.header is not None:
+                        src.readline()
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+                        digest.update(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    per_shard: dict[str, dict] = {}
+    for m in markers:
+        s = per_shard.setdefault(str(m["shard"]), {"chunks": 0, "examples": 0, "rows": 0})
+        s["chunks"] += 1
+        s["examples"] += m["examples"]
+        s["rows"] += m["rows"]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "input": str(plan.input_path),
+        "output": str(out),
+        "output_sha256": digest.hexdigest(),
+        "parameters": plan.identity,
+        "seed": plan.cfg.seed,
+        "counts": {
+            "input_rows": plan.report.rows,
+            "examples": len(plan.examples),
+            "bad_rows_skipped": plan.report.skipped,
+            "output_rows": sum(m["rows"] for m in markers),
+            "new_rows": sum(m["rows"] for m in markers) - len(plan.examples),
+            "chunks": plan.num_chunks,
+        },
+        "per_shard": per_shard,
+        "bad_rows": [str(b) for b in plan.report.bad_rows],
+    }
+    atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote %s (%d rows) and its manifest", out, manifest["counts"]["output_rows"])
+    return out
+
+
+def manifest_path(output: Path) -> Path:
+    return output.with_name(output.name + ".manifest.json")
+
+
+def merge_only(cfg: AugmentConfig) -> Path:
+    """Merge the parts of a finished job (all shards done)."""
+    return merge(make_plan(cfg))

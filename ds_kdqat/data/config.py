@@ -1,0 +1,90 @@
+"""Typed config of the data section (``kdqat.data``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from ds_kdqat.data.glue_format import ON_BAD_ROW_CHOICES
+from ds_kdqat.data.tasks import TASKS, get_task
+from ds_kdqat.errors import ConfigError
+
+SOURCE_CHOICES: tuple[str, ...] = ("local", "hub")
+MIN_SEQ_LENGTH = 8
+
+
+@dataclass
+class DataConfig:
+    """Which task, where its data comes from, and how much of it is used.
+
+    Attributes:
+        task: a name of :data:`ds_kdqat.data.tasks.TASKS` (default: the embedded ``rt_polarity``).
+        source: ``"local"`` reads GLUE-format tsv files; ``"hub"`` calls ``datasets.load_dataset`` with the
+            task's hub id (needs internet or a populated HF cache).
+        data_dir: local GLUE-format folder of the task (``train.tsv``, ``dev.tsv`` / MNLI's
+            ``dev_matched.tsv`` and ``dev_mismatched.tsv``). Required for a GLUE task with source
+            ``"local"``. For ``rt_polarity`` it is where the split is materialised; when unset, a folder
+            ``rt_polarity`` under the cache directory handed to :func:`ds_kdqat.data.loading.load_split`.
+        train_file: a train file in the task's tsv layout (an augmented train set) used instead of the
+            task's train split, whatever the source.
+        max_seq_length: tokens per example after truncation, special tokens included.
+        on_bad_row: ``"error"`` stops at the first bad row of a local file; ``"skip"`` leaves bad rows out and
+            logs each one with its file:line.
+        dev_fraction: share of each label held out as dev for ``rt_polarity`` (0 < f < 1).
+        split_seed: seed of the ``rt_polarity`` split.
+        max_train_examples: use only the first N train examples (quick runs); None for all.
+        max_eval_examples: use only the first N examples of each evaluation split; None for all.
+    """
+
+    task: str = "rt_polarity"
+    source: Literal["local", "hub"] = "local"
+    data_dir: Optional[str] = None
+    train_file: Optional[str] = None
+    max_seq_length: int = 128
+    on_bad_row: Literal["error", "skip"] = "error"
+    dev_fraction: float = 0.1
+    split_seed: int = 42
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+
+    def validate(self, path: str = "kdqat.data") -> None:
+        """Raise :class:`ConfigError` naming the key path and the allowed values for the first bad field."""
+        if not isinstance(self.task, str):
+            raise ConfigError(f"{path}.task", f"expected a task name, one of {sorted(TASKS)}")
+        spec = get_task(self.task, f"{path}.task")
+        if self.source not in SOURCE_CHOICES:
+            raise ConfigError(f"{path}.source", f"{self.source!r} is not one of {list(SOURCE_CHOICES)}")
+        if self.source == "hub" and spec.hub_id is None:
+            raise ConfigError(f"{path}.source", f"task {self.task!r} is not on the hub; use 'local'")
+        for key in ("data_dir", "train_file"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{path}.{key}", f"expected a non-empty path string or null, got {value!r}")
+        if self.source == "local" and not spec.embedded and self.data_dir is None:
+            files = ", ".join(spec.split_files.values())
+            raise ConfigError(
+                f"{path}.data_dir",
+                f"required for task {self.task!r} with source 'local': a GLUE-format folder holding {files}",
+            )
+        if not _is_int(self.max_seq_length) or self.max_seq_length < MIN_SEQ_LENGTH:
+            raise ConfigError(f"{path}.max_seq_length", f"expected an integer >= {MIN_SEQ_LENGTH}, got {self.max_seq_length!r}")
+        if self.on_bad_row not in ON_BAD_ROW_CHOICES:
+            raise ConfigError(f"{path}.on_bad_row", f"{self.on_bad_row!r} is not one of {list(ON_BAD_ROW_CHOICES)}")
+        if (
+            isinstance(self.dev_fraction, bool)
+            or not isinstance(self.dev_fraction, (int, float))
+            or not math.isfinite(self.dev_fraction)
+            or not 0.0 < self.dev_fraction < 1.0
+        ):
+            raise ConfigError(f"{path}.dev_fraction", f"expected a number in (0, 1), got {self.dev_fraction!r}")
+        if not _is_int(self.split_seed):
+            raise ConfigError(f"{path}.split_seed", f"expected an integer, got {self.split_seed!r}")
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(f"{path}.{key}", f"expected null or an integer >= 1, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

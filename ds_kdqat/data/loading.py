@@ -1,0 +1,160 @@
+"""Load one split of a task as :class:`~ds_kdqat.data.glue_format.Example` objects, from files or the hub."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from ds_kdqat.data.config import DataConfig
+from ds_kdqat.data.embedded import materialize_rt_polarity, project_data_cache
+from ds_kdqat.data.files import PathLike
+from ds_kdqat.data.glue_format import BadRow, Example, read_task_file
+from ds_kdqat.data.tasks import TaskSpec, get_task
+from ds_kdqat.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def task_dir(config: DataConfig, cache_dir: Optional[PathLike] = None) -> Path:
+    """The local folder holding the task's tsv files (source ``"local"``).
+
+    For the embedded task the split is materialised there first (a no-op when already done): in
+    ``config.data_dir`` when set, else in ``<cache_dir>/rt_polarity-seed<S>-dev<F>`` so that runs with
+    other split settings do not overwrite each other. ``cache_dir`` defaults to ``<repo>/.cache/data``.
+    """
+    spec = get_task(config.task)
+    if spec.embedded:
+        if config.data_dir is not None:
+            out = Path(config.data_dir)
+        else:
+            cache = Path(cache_dir) if cache_dir is not None else project_data_cache()
+            out = cache / f"{spec.name}-seed{config.split_seed}-dev{config.dev_fraction:g}"
+        return materialize_rt_polarity(out, dev_fraction=config.dev_fraction, seed=config.split_seed)
+    if config.data_dir is None:
+        raise DataError(spec.name, "no data_dir given for a local GLUE-format task")
+    return Path(config.data_dir)
+
+
+def load_split(config: DataConfig, split: str, cache_dir: Optional[PathLike] = None) -> list[Example]:
+    """Examples of ``split`` (``"train"`` or one of ``spec.eval_splits``) for ``config``.
+
+    ``config.train_file`` replaces the train split; ``config.max_train_examples`` /
+    ``config.max_eval_examples`` keep the first N. Skipped bad rows (``on_bad_row="skip"``) are logged one
+    by one with their file:line.
+
+    Raises:
+        ValueError: unknown split name for the task.
+        DataError: bad data (see :func:`ds_kdqat.data.glue_format.read_task_file`) or missing embedded data.
+        FileNotFoundError: a local file that is not there.
+    """
+    spec = get_task(config.task)
+    if split not in spec.split_files:
+        raise ValueError(f"task {spec.name!r} has no split {split!r}; its splits are {list(spec.splits)}")
+
+    if split == "train" and config.train_file is not None:
+        examples = _read_local(Path(config.train_file), spec, config)
+    elif config.source == "hub":
+        examples = load_hub_split(spec, split, config.on_bad_row)
+    else:
+        examples = _read_local(task_dir(config, cache_dir) / spec.split_files[split], spec, config)
+
+    limit = config.max_train_examples if split == "train" else config.max_eval_examples
+    return examples[:limit] if limit is not None else examples
+
+
+def _read_local(path: Path, spec: TaskSpec, config: DataConfig) -> list[Example]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (task {spec.name!r} expects {', '.join(spec.split_files.values())})")
+    examples, report = read_task_file(path, spec, on_bad_row=config.on_bad_row)
+    _log_bad_rows(report.bad_rows)
+    logger.info("%s", report.summary())
+    return examples
+
+
+def _log_bad_rows(bad_rows: list[BadRow]) -> None:
+    for bad in bad_rows:
+        logger.warning("skipped bad row %s", bad)
+    if bad_rows:
+        logger.warning("skipped %d bad rows in all", len(bad_rows))
+
+
+def load_hub_split(spec: TaskSpec, split: str, on_bad_row: str = "error") -> list[Example]:
+    """``datasets.load_dataset(*spec.hub_id, split=spec.hub_splits[split])`` converted to Examples.
+
+    Hub class indices are mapped to raw labels through the dataset's ``ClassLabel`` names and
+    ``spec.hub_label_map`` (the names are checked against the map). A row with label -1 (unlabelled), an
+    unknown class, a non-numeric score or an empty text is bad: an error, or skipped and logged. Each
+    Example's ``line`` is its 1-based row number and ``row`` the string values of all hub columns.
+
+    Raises:
+        DataError: ``hub:<id>[<split>]`` or ``hub:<id>[<split>]:<row>`` naming what is wrong.
+    """
+    import datasets  # heavy; only needed here
+
+    if spec.hub_id is None:
+        raise DataError(spec.name, "task is not on the hub")
+    hub_split = spec.hub_splits[split]
+    source = f"hub:{'/'.join(spec.hub_id)}[{hub_split}]"
+    dataset = datasets.load_dataset(*spec.hub_id, split=hub_split)
+
+    wanted = (*spec.hub_text_fields, spec.hub_label_field)
+    missing = [c for c in wanted if c not in dataset.column_names]
+    if missing:
+        raise DataError(source, f"missing column(s) {missing}; found {dataset.column_names}")
+    class_names = _hub_class_names(spec, dataset.features.get(spec.hub_label_field), source)
+
+    examples: list[Example] = []
+    bad_rows: list[BadRow] = []
+    for i, record in enumerate(dataset):
+        example, reason = _hub_example(spec, record, i + 1, class_names, dataset.column_names)
+        if reason is not None:
+            if on_bad_row == "error":
+                raise DataError(f"{source}:{i + 1}", reason)
+            bad_rows.append(BadRow(f"{source}:{i + 1}", reason))
+            continue
+        examples.append(example)
+    _log_bad_rows(bad_rows)
+    if not examples:
+        raise DataError(source, f"no usable rows ({len(bad_rows)} bad)")
+    return examples
+
+
+def _hub_class_names(spec: TaskSpec, feature: Any, source: str) -> list[str]:
+    if spec.is_regression:
+        return []
+    expected = list(spec.hub_label_map)
+    names = getattr(feature, "names", None)
+    if names is None:
+        return expected
+    if sorted(names) != sorted(expected):
+        raise DataError(source, f"label classes {names} differ from the expected {expected}")
+    return list(names)
+
+
+def _hub_example(
+    spec: TaskSpec, record: dict, number: int, class_names: list[str], columns: list[str]
+) -> tuple[Optional[Example], Optional[str]]:
+    texts = []
+    for name in spec.hub_text_fields:
+        value = record[name]
+        text = value.strip() if isinstance(value, str) else ""
+        if not text:
+            return None, f"empty text in column {name!r}"
+        texts.append(text)
+    value = record[spec.hub_label_field]
+    if spec.is_regression:
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            return None, f"score {value!r} is not a number"
+        if not math.isfinite(score):
+            return None, f"score {value!r} is not a finite number"
+        label = repr(score)
+    else:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(class_names):
+            return None, f"label {value!r} is not a class index in [0, {len(class_names)}) (unlabelled split?)"
+        label = spec.hub_label_map[class_names[value]]
+    row = ["" if record[c] is None else str(record[c]) for c in columns]
+    return Example(texts[0], texts[1] if spec.is_pair else None, label, number, row), None

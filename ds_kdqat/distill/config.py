@@ -1,0 +1,207 @@
+"""Typed config of the distillation objective and schedule (the ``kdqat.distill`` section).
+
+Example (JSON)::
+
+    {"recipe": "map_output", "unified": "SM1", "gamma": 0.5,
+     "layers": {"mode": "uniform", "k": 4}, "weights": {"pred": 1.0, "ground_truth": 0.0},
+     "budget": "O2"}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, get_args
+
+from ds_kdqat.errors import ConfigError
+
+RecipeName = Literal["ternarybert", "map", "output", "map_output", "custom", "ti_map", "ti_output", "ti_gradual"]
+KDRecipeName = Literal["ternarybert", "map", "output", "map_output", "custom"]
+TermName = Literal[
+    "pred", "ground_truth", "layer_output", "attention_score", "attention_map", "attention_output",
+    "mha_output", "context",
+]
+TI_RECIPES = ("ti_map", "ti_output", "ti_gradual")
+BUDGETS = {"O": 1.0, "O2": 2.0, "O4": 4.0}
+
+
+def _allowed(values) -> str:
+    return ", ".join(f'"{v}"' for v in values)
+
+
+def _check_literal(value, literal, path: str) -> None:
+    if value not in get_args(literal):
+        raise ConfigError(path, f"got {value!r}; allowed: {_allowed(get_args(literal))}")
+
+
+def _check_positive(value: float, path: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(path, f"got {value!r}; expected a finite number > 0")
+
+
+@dataclass
+class LayerSelection:
+    """Which transformer layers the per-layer terms use.
+
+    ``mode``: ``"all"`` (every layer), ``"uniform"`` (``k`` layers, uniformly spaced, the last layer
+    always included: layer ⌈(i+1)·L/k⌉ − 1 for i = 0..k−1) or ``"list"`` (``indices``, 0-based; negative
+    counts from the end). ``include_embedding``: the layer-output term also matches the embedding output
+    ``X_0`` (TernaryBERT's L+1 tensors).
+    """
+
+    mode: Literal["all", "uniform", "list"] = "all"
+    k: Optional[int] = None
+    indices: Optional[list[int]] = None
+    include_embedding: bool = True
+
+    def validate(self, path: str = "layers") -> None:
+        _check_literal(self.mode, Literal["all", "uniform", "list"], f"{path}.mode")
+        if self.mode == "uniform":
+            if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+                raise ConfigError(f"{path}.k", f"got {self.k!r}; mode \"uniform\" needs an integer k >= 1")
+        elif self.k is not None:
+            raise ConfigError(f"{path}.k", f"is only used with mode \"uniform\" (mode is \"{self.mode}\")")
+        if self.mode == "list":
+            if not self.indices:
+                raise ConfigError(f"{path}.indices", "mode \"list\" needs a non-empty list of layer indices")
+            if any(not isinstance(i, int) or isinstance(i, bool) for i in self.indices):
+                raise ConfigError(f"{path}.indices", f"got {self.indices!r}; expected integers")
+        elif self.indices is not None:
+            raise ConfigError(f"{path}.indices", f"is only used with mode \"list\" (mode is \"{self.mode}\")")
+
+    def resolve(self, num_layers: int, path: str = "layers") -> tuple[int, ...]:
+        """The selected layer indices (sorted, distinct, 0-based) of a model with ``num_layers`` layers."""
+        self.validate(path)
+        if self.mode == "all":
+            return tuple(range(num_layers))
+        if self.mode == "uniform":
+            if self.k > num_layers:
+                raise ConfigError(f"{path}.k", f"got {self.k}; the model has only {num_layers} layers")
+            return tuple(math.ceil((i + 1) * num_layers / self.k) - 1 for i in range(self.k))
+        chosen = set()
+        for position, index in enumerate(self.indices):
+            resolved = index + num_layers if index < 0 else index
+            if not 0 <= resolved < num_layers:
+                raise ConfigError(
+                    f"{path}.indices[{position}]", f"got {index}; the model has layers 0..{num_layers - 1}"
+                )
+            chosen.add(resolved)
+        return tuple(sorted(chosen))
+
+
+@dataclass
+class TermWeights:
+    """Weight of each loss term (multiplies the term; 0 switches it off).
+
+    A recipe decides which terms take part; ``ground_truth`` (cross-entropy / MSE against the labels) is
+    added to any recipe when its weight is > 0.
+    """
+
+    pred: float = 1.0
+    ground_truth: float = 0.0
+    layer_output: float = 1.0
+    attention_score: float = 1.0
+    attention_map: float = 1.0
+    attention_output: float = 1.0
+    mha_output: float = 1.0
+    context: float = 1.0
+
+    def validate(self, path: str = "weights") -> None:
+        for name in get_args(TermName):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value < 0:
+                raise ConfigError(f"{path}.{name}", f"got {value!r}; expected a finite number >= 0")
+
+
+@dataclass
+class TeacherInterventionConfig:
+    """The Teacher-Intervention step of the ``ti_*`` recipes.
+
+    Training is a TI step of ``step_fraction`` of the total steps, then normal KD-QAT on the intervened
+    student for the rest. In ``ti_gradual`` the TI step is TI-O for its first ``output_fraction``, then
+    TI-M. ``kd_recipe`` is the loss used in both steps (the paper trains the TI step with the same KD
+    objective as the baseline). ``layers``: where the teacher intervenes (all layers by default).
+    """
+
+    step_fraction: float = 1.0 / 3.0
+    output_fraction: float = 0.5
+    kd_recipe: KDRecipeName = "ternarybert"
+    layers: LayerSelection = field(default_factory=LayerSelection)
+
+    def validate(self, path: str = "ti") -> None:
+        for name in ("step_fraction", "output_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{path}.{name}", f"got {value!r}; expected a number in [0, 1]")
+        _check_literal(self.kd_recipe, KDRecipeName, f"{path}.kd_recipe")
+        self.layers.validate(f"{path}.layers")
+        if self.layers.include_embedding is not True:
+            raise ConfigError(f"{path}.layers.include_embedding", "has no meaning for intervention layers")
+
+
+@dataclass
+class DistillConfig:
+    """What the student is trained on, and for how long relative to the base schedule.
+
+    ``recipe``:
+      ``ternarybert`` soft CE + layer-output MSE + attention-score MSE; ``map`` the attention-map KL instead
+      of the score term; ``output`` the attention-output MSE instead; ``map_output`` the unified loss
+      (``unified`` SM1 = map + γ·output, SM2 = output + γ·map, γ = ``gamma``) instead; ``custom`` the
+      terms listed in ``terms``; ``ti_map`` / ``ti_output`` / ``ti_gradual`` Teacher Intervention (see
+      :class:`TeacherInterventionConfig`) with the ``ti.kd_recipe`` loss.
+    ``temperature``: of the soft cross-entropy on logits; ``map_temperature``: of the attention-map KL.
+    ``budget``: total steps as a multiple of the base schedule: ``"O"`` (1×), ``"O2"``, ``"O4"`` or a
+    number > 0.
+    """
+
+    recipe: RecipeName = "ternarybert"
+    temperature: float = 1.0
+    map_temperature: float = 1.0
+    layers: LayerSelection = field(default_factory=LayerSelection)
+    weights: TermWeights = field(default_factory=TermWeights)
+    gamma: float = 0.5
+    unified: Literal["SM1", "SM2"] = "SM1"
+    terms: list[TermName] = field(default_factory=list)
+    ti: TeacherInterventionConfig = field(default_factory=TeacherInterventionConfig)
+    budget: float | str = "O"
+
+    def validate(self, path: str = "distill") -> None:
+        _check_literal(self.recipe, RecipeName, f"{path}.recipe")
+        _check_positive(self.temperature, f"{path}.temperature")
+        _check_positive(self.map_temperature, f"{path}.map_temperature")
+        self.layers.validate(f"{path}.layers")
+        self.weights.validate(f"{path}.weights")
+        if not isinstance(self.gamma, (int, float)) or isinstance(self.gamma, bool) or not math.isfinite(self.gamma) \
+                or self.gamma < 0:
+            raise ConfigError(f"{path}.gamma", f"got {self.gamma!r}; expected a finite number >= 0")
+        _check_literal(self.unified, Literal["SM1", "SM2"], f"{path}.unified")
+        for position, term in enumerate(self.terms):
+            _check_literal(term, TermName, f"{path}.terms[{position}]")
+        uses_custom = self.recipe == "custom" or (self.recipe in TI_RECIPES and self.ti.kd_recipe == "custom")
+        if uses_custom and not self.terms:
+            raise ConfigError(f"{path}.terms", "the \"custom\" recipe needs a non-empty list of terms; allowed: "
+                              + _allowed(get_args(TermName)))
+        if not uses_custom and self.terms:
+            raise ConfigError(f"{path}.terms", f"is only used by the \"custom\" recipe (recipe is \"{self.recipe}\")")
+        self.ti.validate(f"{path}.ti")
+        budget_multiplier(self.budget, f"{path}.budget")
+
+    @property
+    def is_teacher_intervention(self) -> bool:
+        return self.recipe in TI_RECIPES
+
+    @property
+    def kd_recipe(self) -> str:
+        """The loss recipe proper: ``ti.kd_recipe`` for the TI recipes, else ``recipe``."""
+        return self.ti.kd_recipe if self.is_teacher_intervention else self.recipe
+
+
+def budget_multiplier(budget: float | str, path: str = "budget") -> float:
+    """``"O"`` → 1, ``"O2"`` → 2, ``"O4"`` → 4, a number > 0 → itself."""
+    if isinstance(budget, str):
+        if budget not in BUDGETS:
+            raise ConfigError(path, f"got {budget!r}; allowed: {_allowed(BUDGETS)} or a number > 0")
+        return BUDGETS[budget]
+    _check_positive(budget, path)
+    return float(budget)

@@ -1,0 +1,213 @@
+"""Knowledge-distillation losses over encoder taps, and the registry that names them for configs.
+
+Notation: B batch, S sequence, H heads, D features, C classes; ``attention_mask`` is (B, S) with 1/True for
+a real token and 0/False for padding. Each function returns a scalar tensor.
+
+How padding is treated (padding never counts):
+
+* token tensors (B, S, D) (``hidden_mse`` and its aliases): the squared error is summed over the valid
+  tokens and all D features and divided by ``n_valid_tokens · D``, i.e. the mean over the elements of real
+  tokens; longer sequences therefore weigh more, as in an unpadded batch.
+* contexts (B, H, S, D_h) (``context_mse``): the same, with the elements of a token being its H·D_h values.
+* attention scores (B, H, S, S) (``attention_score_mse``): the mean over the entries whose query *and* key
+  are both real tokens (padded keys carry the additive -inf-like mask, padded queries are not outputs).
+* attention maps (``attention_map_kl``): for each real query row, KL(teacher ‖ student) over the real keys;
+  the mean over the real rows of a sequence, then the mean over heads and over the sequences that have at
+  least one real token (every sequence weighs the same).
+* logits: (B, C) have no padding; for token-level logits (B, S, C) pass ``attention_mask`` and the mean is
+  over real tokens instead of over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _token_mask(attention_mask: Tensor, like: Tensor) -> Tensor:
+    return attention_mask.to(dtype=like.dtype, device=like.device)
+
+
+def _check_same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(f"{what}: student shape {tuple(student.shape)} != teacher shape {tuple(teacher.shape)}")
+
+
+def hidden_mse(student: Tensor, teacher: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean squared error over the elements of real tokens.
+
+    ``student``, ``teacher``: (B, S, D); ``attention_mask``: (B, S).
+    loss = Σ_{b,s,d} m_bs (x^S_bsd − x^T_bsd)² / (D · Σ_{b,s} m_bs)
+    """
+    _check_same_shape(student, teacher, "hidden_mse")
+    mask = _token_mask(attention_mask, student)
+    squared = (student - teacher).pow(2).sum(-1)  # (B, S)
+    return (squared * mask).sum() / (mask.sum().clamp_min(1) * student.shape[-1])
+
+
+def layer_output_mse(student: Tensor, teacher: Tensor, attention_mask: Tensor) -> Tensor:
+    """:func:`hidden_mse` on layer outputs ``X_l`` (B, S, D)."""
+    return hidden_mse(student, teacher, attention_mask)
+
+
+def attention_output_mse(student: Tensor, teacher: Tensor, attention_mask: Tensor) -> Tensor:
+    """:func:`hidden_mse` on attention outputs ``Y_l = LayerNorm(X_l + MHA(X_l))`` (B, S, D)."""
+    return hidden_mse(student, teacher, attention_mask)
+
+
+def mha_output_mse(student: Tensor, teacher: Tensor, attention_mask: Tensor) -> Tensor:
+    """:func:`hidden_mse` on MHA outputs ``Concat(context)·W_O + b_O`` (B, S, D)."""
+    return hidden_mse(student, teacher, attention_mask)
+
+
+def context_mse(student: Tensor, teacher: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean squared error over the context elements of real query tokens.
+
+    ``student``, ``teacher``: (B, H, S, D_h); loss = Σ m_bs (c^S_bhsd − c^T_bhsd)² / (H · D_h · Σ m_bs)
+    """
+    _check_same_shape(student, teacher, "context_mse")
+    heads, head_dim = student.shape[1], student.shape[-1]
+    mask = _token_mask(attention_mask, student)
+    squared = (student - teacher).pow(2).sum(dim=(1, 3))  # (B, S)
+    return (squared * mask).sum() / (mask.sum().clamp_min(1) * heads * head_dim)
+
+
+def _pair_mask(attention_mask: Tensor, like: Tensor) -> Tensor:
+    """(B, 1, S, S) mask of (query, key) pairs that are both real tokens."""
+    mask = _token_mask(attention_mask, like)
+    return (mask[:, None, :, None] * mask[:, None, None, :])
+
+
+def attention_score_mse(student_scores: Tensor, teacher_scores: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean squared error over the score entries whose query and key are real tokens.
+
+    ``student_scores``, ``teacher_scores``: (B, H, S, S) pre-softmax scores; with P = Σ_b n_b² pairs,
+    loss = Σ_{b,h,i,j} m_bi m_bj (a^S − a^T)² / (H · P)
+    """
+    _check_same_shape(student_scores, teacher_scores, "attention_score_mse")
+    pairs = _pair_mask(attention_mask, student_scores)
+    # padded entries hold ~-3.4e38; zero them before squaring so no inf/nan reaches the sum or the gradient
+    diff = (student_scores - teacher_scores).masked_fill(~pairs.bool(), 0.0)
+    return diff.pow(2).sum() / (pairs.sum().clamp_min(1) * student_scores.shape[1])
+
+
+def _masked_log_softmax(logits: Tensor, key_mask: Tensor) -> Tensor:
+    """log_softmax over the last dim restricted to ``key_mask`` (entries outside get -inf)."""
+    return torch.log_softmax(logits.masked_fill(~key_mask, float("-inf")), dim=-1)
+
+
+def attention_map_kl(
+    student_map: Tensor, teacher_map: Tensor, attention_mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """KL(teacher ‖ student) per real query row over the real keys; mean over rows, then heads and batch.
+
+    ``student_map``, ``teacher_map``: (B, H, S, S) attention maps (rows sum to one over real keys).
+    With temperature τ each row is re-tempered over the real keys, p ↦ p^(1/τ) / Σ_j p_j^(1/τ)
+    (= softmax(score/τ)); τ = 1 uses the maps as they are. No τ² factor is applied.
+    KL_bhi = Σ_{j real} t_bhij (log t_bhij − log s_bhij); probabilities are floored at the smallest normal
+    float before the log, so an underflowed entry gives a large but finite term (never inf/nan).
+    loss = mean_{b with n_b>0} mean_h (1/n_b) Σ_{i real} KL_bhi
+    """
+    _check_same_shape(student_map, teacher_map, "attention_map_kl")
+    if temperature <= 0:
+        raise ValueError(f"attention_map_kl: temperature must be > 0, got {temperature}")
+    tokens = attention_mask.to(device=student_map.device).bool()  # (B, S)
+    # a sequence without any real token keeps all keys so its (excluded) rows stay finite
+    keys = tokens | ~tokens.any(-1, keepdim=True)
+    key_mask = keys[:, None, None, :]  # (B, 1, 1, S)
+    tiny = torch.finfo(student_map.dtype).tiny
+    log_student = _masked_log_softmax(torch.log(student_map.clamp_min(tiny)) / temperature, key_mask)
+    log_teacher = _masked_log_softmax(torch.log(teacher_map.clamp_min(tiny)) / temperature, key_mask)
+    # padded keys: -inf log-probs become 0 so neither the value nor any gradient picks up a nan
+    log_student = log_student.masked_fill(~key_mask, 0.0)
+    log_teacher = log_teacher.masked_fill(~key_mask, 0.0)
+    terms = (log_teacher.exp() * (log_teacher - log_student)).masked_fill(~key_mask, 0.0)
+    row_kl = terms.sum(-1)  # (B, H, S)
+    query = tokens[:, None, :].to(row_kl.dtype)  # (B, 1, S)
+    valid_rows = query.sum(-1)  # (B, 1)
+    per_head = (row_kl * query).sum(-1) / valid_rows.clamp_min(1)  # (B, H)
+    has_tokens = (valid_rows.squeeze(-1) > 0).to(row_kl.dtype)  # (B,)
+    return (per_head.mean(-1) * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+
+
+def _per_example_mean(values: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """Mean of ``values`` ((B,) or (B, S)); over real tokens when (B, S) and a mask is given."""
+    if values.dim() == 1 or attention_mask is None:
+        return values.mean()
+    mask = _token_mask(attention_mask, values)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def soft_cross_entropy(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+    attention_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Mean over the batch of −Σ_c softmax(t/τ)_c · log_softmax(s/τ)_c (no τ² factor).
+
+    Logits (B, C), or (B, S, C) for token-level heads, then averaged over real tokens of ``attention_mask``.
+    """
+    _check_same_shape(student_logits, teacher_logits, "soft_cross_entropy")
+    if temperature <= 0:
+        raise ValueError(f"soft_cross_entropy: temperature must be > 0, got {temperature}")
+    target = torch.softmax(teacher_logits / temperature, dim=-1)
+    per_example = -(target * torch.log_softmax(student_logits / temperature, dim=-1)).sum(-1)
+    return _per_example_mean(per_example, attention_mask)
+
+
+def logits_mse(student_logits: Tensor, teacher_logits: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """Mean over the batch (or real tokens) of the mean squared logit difference; regression KD.
+
+    Logits (B, C) (C = 1 for regression) or (B, S, C).
+    """
+    _check_same_shape(student_logits, teacher_logits, "logits_mse")
+    per_example = (student_logits - teacher_logits).pow(2).mean(-1)
+    return _per_example_mean(per_example, attention_mask)
+
+
+def ground_truth_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of ``logits`` (B, C) against class indices ``labels`` (B,).
+
+    Labels equal to -100 are ignored (HF's convention); token-level (B, S, C) logits are flattened.
+    """
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
+
+
+def ground_truth_mse(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean squared error of regression ``logits`` (B, 1) or (B,) against float ``labels`` (B,)."""
+    prediction = logits.squeeze(-1) if logits.dim() == labels.dim() + 1 else logits
+    _check_same_shape(prediction, labels, "ground_truth_mse")
+    return (prediction - labels.to(prediction.dtype)).pow(2).mean()
+
+
+# Config name -> loss function. Hidden/score/map losses take (student, teacher, attention_mask[, temperature]).
+LOSSES: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        LOSSES[name] = fn
+        return fn
+
+    return decorate
+
+
+for _name, _fn in {
+    "soft_cross_entropy": soft_cross_entropy,
+    "logits_mse": logits_mse,
+    "hidden_mse": hidden_mse,
+    "layer_output_mse": layer_output_mse,
+    "attention_output_mse": attention_output_mse,
+    "mha_output_mse": mha_output_mse,
+    "context_mse": context_mse,
+    "attention_score_mse": attention_score_mse,
+    "attention_map_kl": attention_map_kl,
+    "ground_truth_cross_entropy": ground_truth_cross_entropy,
+    "ground_truth_mse": ground_truth_mse,
+}.items():
+    register_loss(_name)(_fn)

@@ -1,0 +1,128 @@
+"""Training phases: Teacher Intervention (TI-O / TI-M) then KD-QAT, within a budget of the base schedule.
+
+The plan of a run with ``base_steps`` steps in its base schedule (e.g. 3 epochs of the task, TernaryBERT's
+budget "O"):
+
+* total = round(budget × base_steps) (halves round up; at least 1);
+* non-TI recipes: one ``kd`` phase of all the steps;
+* ``ti_output`` / ``ti_map``: a TI step of round(ti.step_fraction × total) steps in ``ti_output`` (TI-O)
+  or ``ti_map`` (TI-M), then ``kd`` for the rest, continuing from the intervened student;
+* ``ti_gradual``: the TI step is ``ti_output`` for round(ti.output_fraction × TI steps), then ``ti_map``.
+
+Phases with no step are left out. During a TI phase the student is trained with the same objective as in
+``kd`` (``ti.kd_recipe``): this follows the paper, whose TI step keeps the baseline's KD losses
+(prediction, layer outputs, attention) while the teacher's tensors are written into the student's forward.
+The student's own tensors at an intervened point are still recorded, so e.g. the attention-score or map
+term keeps training Q and K under TI-M, and the attention terms train the MHA sub-layer under TI-O
+(whose output no longer reaches the rest of the network).
+
+The paper runs the TI step and the KD step as two trainings (the KD step has its own learning-rate
+schedule); :attr:`PhaseSpan.start` lets the engine restart its schedule at a phase boundary if it wants to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+from ds_kdqat.models.taps import EncoderTaps, Interventions
+
+from .config import DistillConfig, budget_multiplier
+
+PhaseName = Literal["ti_output", "ti_map", "kd"]
+
+# Phase -> the teacher tap its interventions are built from.
+INTERVENTION_TAPS: dict[str, frozenset[str]] = {
+    "ti_output": frozenset({"mha_outputs"}),
+    "ti_map": frozenset({"attention_maps"}),
+    "kd": frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class PhaseSpan:
+    """Steps ``start`` (inclusive) to ``end`` (exclusive) of one phase; steps are 0-based."""
+
+    phase: PhaseName
+    start: int
+    end: int
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    phases: tuple[PhaseSpan, ...]
+    total_steps: int
+
+    def span_at(self, step: int) -> PhaseSpan:
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step {step} is outside the plan's steps 0..{self.total_steps - 1}")
+        for span in self.phases:
+            if span.start <= step < span.end:
+                return span
+        raise AssertionError("phases do not cover the plan")  # pragma: no cover
+
+    def phase_at(self, step: int) -> PhaseName:
+        """The phase of 0-based ``step``."""
+        return self.span_at(step).phase
+
+
+def _round_half_up(value: float) -> int:
+    return int(math.floor(value + 0.5))
+
+
+def plan_training(config: DistillConfig, base_steps: int) -> TrainingPlan:
+    """The phases of ``config`` for a base schedule of ``base_steps`` steps (see the module docstring)."""
+    if not isinstance(base_steps, int) or base_steps < 1:
+        raise ValueError(f"base_steps must be a positive integer, got {base_steps!r}")
+    config.validate()
+    total = max(1, _round_half_up(budget_multiplier(config.budget) * base_steps))
+    lengths: list[tuple[PhaseName, int]] = []
+    if config.is_teacher_intervention:
+        ti_steps = _round_half_up(config.ti.step_fraction * total)
+        if config.recipe == "ti_gradual":
+            output_steps = _round_half_up(config.ti.output_fraction * ti_steps)
+            lengths += [("ti_output", output_steps), ("ti_map", ti_steps - output_steps)]
+        else:
+            lengths.append(("ti_output" if config.recipe == "ti_output" else "ti_map", ti_steps))
+        lengths.append(("kd", total - ti_steps))
+    else:
+        lengths.append(("kd", total))
+    spans, start = [], 0
+    for phase, steps in lengths:
+        if steps > 0:
+            spans.append(PhaseSpan(phase, start, start + steps))
+            start += steps
+    return TrainingPlan(tuple(spans), total)
+
+
+def build_interventions(phase: PhaseName, teacher: EncoderTaps,
+                        layers: Optional[Sequence[int]] = None) -> Optional[Interventions]:
+    """The interventions of ``phase`` from the teacher's taps of the same batch (None for ``kd``).
+
+    ``ti_output``: the teacher's MHA outputs replace the student's (TI-O); ``ti_map``: the teacher's
+    attention maps replace the student's (TI-M). ``layers``: the layers to intervene (None = all).
+    """
+    if phase == "kd":
+        return None
+    if phase not in INTERVENTION_TAPS:
+        raise ValueError(f"unknown phase {phase!r}; known: {', '.join(INTERVENTION_TAPS)}")
+    (tap,) = INTERVENTION_TAPS[phase]
+    source = getattr(teacher, tap)
+    chosen = range(len(source)) if layers is None else layers
+    tensors = {l: teacher.get(tap, l).detach() for l in chosen}
+    if phase == "ti_output":
+        return Interventions(mha_outputs=tensors)
+    return Interventions(attention_maps=tensors)
+
+
+def teacher_record(required_taps: frozenset[str], record_layers: Sequence[int], phase: PhaseName,
+                   intervene_layers: Sequence[int]) -> tuple[frozenset[str], tuple[int, ...]]:
+    """(tap names, layers) the teacher forward must record for the objective plus the phase's interventions."""
+    names = frozenset(required_taps) | INTERVENTION_TAPS[phase]
+    layers = set(record_layers) | (set(intervene_layers) if phase != "kd" else set())
+    return names, tuple(sorted(layers))

@@ -1,0 +1,247 @@
+"""One forward of a BERT-family encoder that returns its internals (taps) and takes teacher interventions.
+
+The same function serves the full-precision teacher (usually under ``torch.no_grad()``) and the quantized
+student (with autograd): the recorded student tensors keep their graph, so losses on them train the
+student.
+
+Shapes (B batch, S sequence, H heads, D hidden, D_h = D / H, L layers), per layer ``l``:
+
+=====================  ===================  ====================================================================
+tap name               shape                what
+=====================  ===================  ====================================================================
+``attention_scores``   (B, H, S, S)         ``Q·Kᵀ/√D_h + mask`` (pre-softmax; padded keys hold the additive
+                                            mask value, about -3.4e38 in float32)
+``attention_maps``     (B, H, S, S)         ``softmax(score)`` (pre-dropout; padded keys are 0)
+``contexts``           (B, H, S, D_h)       ``map·V`` per head
+``mha_outputs``        (B, S, D)            ``Concat(context)·W_O + b_O`` (pre-dropout, pre-residual)
+``attention_outputs``  (B, S, D)            ``Y_l = LayerNorm(X_l + MHA(X_l))``
+``layer_outputs``      L+1 × (B, S, D)      ``X_0`` (embedding output) then ``X_{l+1}`` for each layer
+``embedding_output``   (B, S, D)            ``X_0``
+=====================  ===================  ====================================================================
+
+``logits`` (the head's output, e.g. (B, C); None for a bare encoder) and ``attention_mask`` ((B, S) bool,
+True = real token) are always returned.
+
+Interventions (Teacher Intervention): per layer, the student's ``attention_map`` (TI-M), ``context`` or
+``mha_output`` (TI-O) is replaced by a given tensor, detached, so no gradient flows back through the
+replaced value; everything downstream runs and trains as usual. The tap of an intervened point holds the
+student's *own* tensor (computed before the replacement), so a loss can still be put on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Collection, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .adapters import EncoderAdapter, adapter_for
+from .attention import KDQAT_ATTENTION, active_session, use_kdqat_attention
+
+PER_LAYER_TAPS = ("attention_scores", "attention_maps", "contexts", "mha_outputs", "attention_outputs")
+TAP_NAMES = frozenset({"embedding_output", "layer_outputs", *PER_LAYER_TAPS})
+# names the attention function reports (singular) -> EncoderTaps field
+_ATTENTION_FUNCTION_TAPS = {
+    "attention_score": "attention_scores",
+    "attention_map": "attention_maps",
+    "context": "contexts",
+}
+
+
+@dataclass
+class EncoderTaps:
+    """The internals of one encoder forward. Lists are indexed by layer; an entry is None when not recorded.
+
+    ``layer_outputs`` has L+1 entries (embedding output first) when recorded, else it is empty, as are the
+    per-layer lists that were not asked for.
+    """
+
+    embedding_output: Optional[torch.Tensor] = None
+    attention_scores: list[Optional[torch.Tensor]] = field(default_factory=list)
+    attention_maps: list[Optional[torch.Tensor]] = field(default_factory=list)
+    contexts: list[Optional[torch.Tensor]] = field(default_factory=list)
+    mha_outputs: list[Optional[torch.Tensor]] = field(default_factory=list)
+    attention_outputs: list[Optional[torch.Tensor]] = field(default_factory=list)
+    layer_outputs: list[Optional[torch.Tensor]] = field(default_factory=list)
+    logits: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+
+    def get(self, name: str, layer: int) -> torch.Tensor:
+        """Tensor ``name`` of layer ``layer``; KeyError says what was not recorded."""
+        values = getattr(self, name)
+        tensor = values[layer] if 0 <= layer < len(values) else None
+        if tensor is None:
+            raise KeyError(f"tap {name}[{layer}] was not recorded (recorded lists have {len(values)} entries)")
+        return tensor
+
+
+@dataclass
+class Interventions:
+    """Teacher tensors that replace the student's, keyed by layer index.
+
+    ``attention_maps``: (B, H, S, S) (TI-M); ``contexts``: (B, H, S, D_h); ``mha_outputs``: (B, S, D) (TI-O).
+    Each must have exactly the shape of the tensor it replaces.
+    """
+
+    attention_maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    contexts: dict[int, torch.Tensor] = field(default_factory=dict)
+    mha_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.attention_maps or self.contexts or self.mha_outputs)
+
+
+class _Recorder:
+    """TapSession for the attention function plus the storage the module hooks write into."""
+
+    def __init__(self, record: frozenset[str], layers: Optional[frozenset[int]], num_layers: int,
+                 interventions: Optional[Interventions]):
+        self.record_names = record
+        self.layers = layers
+        self.interventions = interventions or Interventions()
+        self.taps = EncoderTaps()
+        for name in PER_LAYER_TAPS:
+            if name in record:
+                setattr(self.taps, name, [None] * num_layers)
+        if "layer_outputs" in record:
+            self.taps.layer_outputs = [None] * (num_layers + 1)
+        self._last_shape: dict[tuple[int, str], torch.Size] = {}
+
+    def wants(self, name: str, layer: int) -> bool:
+        return name in self.record_names and (self.layers is None or layer in self.layers)
+
+    def store(self, name: str, layer: int, tensor: torch.Tensor) -> None:
+        if self.wants(name, layer):
+            getattr(self.taps, name)[layer] = tensor
+
+    # --- TapSession protocol (called by the attention function) ---
+    def record(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+        self._last_shape[(layer, name)] = tensor.shape
+        self.store(_ATTENTION_FUNCTION_TAPS[name], layer, tensor)
+
+    def replacement(self, layer: int, name: str) -> Optional[torch.Tensor]:
+        source = getattr(self.interventions, _ATTENTION_FUNCTION_TAPS[name], {})
+        tensor = source.get(layer)
+        if tensor is not None:
+            _check_shape(tensor, self._last_shape[(layer, name)], layer, name)
+        return tensor
+
+
+def _check_shape(replacement: torch.Tensor, expected: torch.Size, layer: int, name: str) -> None:
+    if replacement.shape != expected:
+        raise ValueError(
+            f"intervention {name}[{layer}] has shape {tuple(replacement.shape)}; the student's tensor has "
+            f"shape {tuple(expected)}"
+        )
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _install_hooks(recorder: _Recorder, adapter: EncoderAdapter, layers: list[nn.Module]) -> list[Any]:
+    handles = []
+    want_embedding = bool({"embedding_output", "layer_outputs"} & recorder.record_names)
+
+    if want_embedding:
+        def embedding_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if "embedding_output" in recorder.record_names:
+                recorder.taps.embedding_output = hidden
+            if "layer_outputs" in recorder.record_names:
+                recorder.taps.layer_outputs[0] = hidden
+
+        handles.append(layers[0].register_forward_pre_hook(embedding_hook, with_kwargs=True))
+
+    for index, layer in enumerate(layers):
+        if recorder.wants("layer_outputs", index):
+            def layer_hook(module, args, output, index=index):
+                recorder.taps.layer_outputs[index + 1] = _first_tensor(output)
+
+            handles.append(layer.register_forward_hook(layer_hook))
+
+        teacher_mha = recorder.interventions.mha_outputs.get(index)
+        if recorder.wants("mha_outputs", index) or teacher_mha is not None:
+            def mha_hook(module, args, output, index=index, teacher=teacher_mha):
+                recorder.store("mha_outputs", index, output)
+                if teacher is None:
+                    return None
+                _check_shape(teacher, output.shape, index, "mha_output")
+                return teacher.detach().to(output.dtype)
+
+            handles.append(adapter.mha_output_module(layer).register_forward_hook(mha_hook))
+
+        if recorder.wants("attention_outputs", index):
+            def attention_output_hook(module, args, output, index=index):
+                recorder.store("attention_outputs", index, _first_tensor(output))
+
+            handles.append(adapter.attention_output_module(layer).register_forward_hook(attention_output_hook))
+    return handles
+
+
+def _ensure_kdqat_attention(model: nn.Module) -> None:
+    if getattr(model.config, "_attn_implementation", None) != KDQAT_ATTENTION:
+        use_kdqat_attention(model)
+
+
+def _check_interventions(interventions: Interventions, num_layers: int) -> None:
+    for name in ("attention_maps", "contexts", "mha_outputs"):
+        for layer in getattr(interventions, name):
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"intervention {name}[{layer}]: the model has layers 0..{num_layers - 1}")
+
+
+def forward_with_taps(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    record: Collection[str] = frozenset(),
+    interventions: Optional[Interventions] = None,
+    layers: Optional[Iterable[int]] = None,
+) -> EncoderTaps:
+    """Run ``model`` on ``batch`` once and return the taps named in ``record`` (a subset of ``TAP_NAMES``).
+
+    ``batch``: ``input_ids`` (B, S), optional ``attention_mask`` (B, S) (1 = token, 0 = padding; all ones
+    when absent) and ``token_type_ids``; other keys (labels, …) are not passed to the model.
+    ``layers``: record per-layer taps of these layer indices only (None = all); ``layer_outputs[l + 1]``
+    follows layer ``l``, and the embedding output is recorded whenever ``layer_outputs`` is.
+    ``interventions``: teacher tensors that replace the student's (see :class:`Interventions`).
+
+    The model is routed through the ``kdqat`` attention function on first use (numerically identical to
+    HF's eager attention). Only what is asked for is kept, so the memory cost is that of the named taps.
+    """
+    record = frozenset(record)
+    unknown = record - TAP_NAMES
+    if unknown:
+        raise ValueError(f"unknown tap names {sorted(unknown)}; known: {sorted(TAP_NAMES)}")
+    if "input_ids" not in batch:
+        raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
+    adapter = adapter_for(model)
+    _ensure_kdqat_attention(model)
+    layer_modules = adapter.layer_modules(model)
+    num_layers = len(layer_modules)
+    interventions = interventions or Interventions()
+    _check_interventions(interventions, num_layers)
+    layer_set = None if layers is None else frozenset(int(i) for i in layers)
+
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if adapter.token_type_ids and batch.get("token_type_ids") is not None:
+        inputs["token_type_ids"] = batch["token_type_ids"]
+
+    recorder = _Recorder(record, layer_set, num_layers, interventions)
+    handles = _install_hooks(recorder, adapter, layer_modules)
+    try:
+        with active_session(recorder):
+            output = model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    taps = recorder.taps
+    taps.logits = getattr(output, "logits", None)
+    taps.attention_mask = attention_mask.bool()
+    return taps

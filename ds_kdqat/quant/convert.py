@@ -1,0 +1,162 @@
+"""``quantize_model``: convert an HF encoder in place by module-name patterns, and report what changed."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ds_kdqat.errors import ConfigError
+from ds_kdqat.models.attention import self_attention_modules, use_kdqat_attention
+from ds_kdqat.quant.config import DEFAULT_PATH, QuantConfig, quant_config_from_dict
+from ds_kdqat.quant.modules import (
+    QUANT_MODULE_TYPES,
+    ActQuantizer,
+    QuantEmbedding,
+    QuantLinear,
+    WeightQuantizer,
+)
+
+CONFIG_ATTR = "kdqat_quant_config"  # the QuantConfig a model was converted with (read by export_packed)
+
+
+@dataclass
+class QuantEntry:
+    name: str  # dotted module name
+    kind: str  # "linear" | "embedding" | "attention"
+    quantizer: str  # weight quantizer description (or the attention points)
+    activation: str  # activation quantizer description, "-" when off
+    params: int  # number of quantized weight elements (0 for attention)
+
+
+@dataclass
+class QuantReport:
+    entries: list[QuantEntry] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> list[QuantEntry]:
+        return [e for e in self.entries if e.kind == kind]
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(e.params for e in self.entries)
+
+    def table(self) -> str:
+        header = ("module", "kind", "weights", "input activations", "params")
+        rows = [header] + [(e.name, e.kind, e.quantizer, e.activation, f"{e.params:,}") for e in self.entries]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"{len(self.of_kind('linear'))} linear, {len(self.of_kind('embedding'))} embedding, "
+                     f"{len(self.of_kind('attention'))} attention; {self.quantized_params:,} quantized weights")
+        return "\n".join(lines)
+
+
+def _match(model: nn.Module, config: QuantConfig, path: str) -> list[tuple[str, nn.Module, int]]:
+    """``(name, module, group index)`` for every matched module; errors name the group or pattern path."""
+    resolved = config.resolved()
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    owner: dict[str, int] = {}
+    found: list[tuple[str, nn.Module, int]] = []
+    for i, group in enumerate(resolved.groups):
+        gpath = f"{path}.{resolved.groups_path}[{i}]"
+        for j, pattern in enumerate(group.patterns):
+            regex = re.compile(pattern)
+            hits = [(name, m) for name, m in modules if regex.search(name)]
+            if not hits and not group.optional:
+                raise ConfigError(f"{gpath}.patterns[{j}]", f"{pattern!r} matches no module of "
+                                  f"{type(model).__name__}")
+            for name, module in hits:
+                if name in owner and owner[name] != i:
+                    raise ConfigError(f"{gpath}.patterns[{j}]", f"{pattern!r} matches {name!r}, already matched "
+                                      f"by {path}.{resolved.groups_path}[{owner[name]}]")
+                if name in owner:
+                    continue
+                if isinstance(module, QUANT_MODULE_TYPES):
+                    raise ConfigError(f"{gpath}.patterns[{j}]", f"{name!r} is already quantized; quantize a fresh "
+                                      "copy of the full-precision model")
+                if type(module) is nn.Embedding and group.act_bits is not None:
+                    raise ConfigError(f"{gpath}.act_bits", f"{name!r} is an embedding (its input is token ids); "
+                                      "expected null")
+                if type(module) not in (nn.Linear, nn.Embedding):
+                    raise ConfigError(f"{gpath}.patterns[{j}]", f"{pattern!r} matches {name!r} of type "
+                                      f"{type(module).__name__}; expected nn.Linear or nn.Embedding modules")
+                if group.granularity == "row" and module.weight.dim() != 2:
+                    raise ConfigError(f"{gpath}.granularity", f"row-wise needs 2-D weights; {name!r} has "
+                                      f"{tuple(module.weight.shape)}")
+                owner[name] = i
+                found.append((name, module, i))
+    return found
+
+
+def _weight_count(weight: torch.Tensor) -> int:
+    shape = getattr(weight, "ds_shape", None)  # ZeRO-3 partitioned parameter: its full shape
+    return int(torch.Size(shape).numel()) if shape is not None else weight.numel()
+
+
+def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = None,
+                   path: str = DEFAULT_PATH) -> QuantReport:
+    """Convert ``model`` in place: quantized linears/embeddings per group, activation quantizers in attention.
+
+    ``config``: a :class:`QuantConfig`, a ``kdqat.quant`` dict, or None for the default (TernaryBERT
+    W2-E2-A8). Everything is validated and matched before the first module changes, so an error leaves the
+    model as it was. Routes attention through the kdqat function (:func:`use_kdqat_attention`), records the
+    config on the model (``model.kdqat_quant_config``) and returns the report of converted modules.
+    Call it before ``deepspeed.initialize`` (ZeRO-3 models built under ``zero.Init`` are fine).
+    """
+    if config is None:
+        config = QuantConfig()
+    elif isinstance(config, dict):
+        config = quant_config_from_dict(config, path)
+    config.validate(path)
+    resolved = config.resolved()
+    matched = _match(model, config, path)
+    attention_on = resolved.attention.bits is not None and bool(resolved.attention.points)
+    attention_modules = self_attention_modules(model)
+    if attention_on and not attention_modules:
+        raise ConfigError(f"{path}.attention", f"{type(model).__name__} has no self-attention module using HF's "
+                          "attention interface; set bits to null")
+    if attention_modules:
+        use_kdqat_attention(model)
+
+    report = QuantReport()
+    for name, module, i in matched:
+        group = resolved.groups[i]
+        weight_quant = WeightQuantizer.from_group(group, resolved.lat)
+        params = _weight_count(module.weight)
+        if type(module) is nn.Linear:
+            act = ActQuantizer(group.act_bits, group.act_mode, group.act_clip) if group.act_bits else None
+            QuantLinear.convert(module, weight_quant, act)
+            report.entries.append(QuantEntry(name, "linear", weight_quant.describe(),
+                                             act.describe() if act else "-", params))
+        else:
+            QuantEmbedding.convert(module, weight_quant)
+            report.entries.append(QuantEntry(name, "embedding", weight_quant.describe(), "-", params))
+
+    if attention_on:
+        att = resolved.attention
+        names = {id(m): n for n, m in model.named_modules()}
+        for module in attention_modules:
+            module.kdqat_act_quant = nn.ModuleDict(
+                {point: ActQuantizer(att.bits, att.mode, att.clip) for point in att.points})
+            describe = ActQuantizer(att.bits, att.mode, att.clip).describe()
+            report.entries.append(QuantEntry(names[id(module)], "attention", "+".join(att.points), describe, 0))
+    setattr(model, CONFIG_ATTR, config)
+    return report
+
+
+def model_quant_config(model: nn.Module) -> Optional[QuantConfig]:
+    return getattr(model, CONFIG_ATTR, None)
+
+
+@torch.no_grad()
+def quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``"<module>.weight"`` → the fake-quantized weight the forward uses, for every quantized module."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QUANT_MODULE_TYPES):
+            out[f"{name}.weight"] = module.weight_quant(module.weight).detach()
+    return out

@@ -1,0 +1,329 @@
+"""Functional quantizers: pure tensor functions with straight-through gradients.
+
+Every quantizer comes in two layers:
+
+* ``*_parts`` returns the integer-valued pieces of the quantized tensor (codes and scales) without autograd;
+  the packed export stores exactly these pieces and :func:`dequantize_parts` rebuilds the tensor from them
+  with the same arithmetic the forward uses, so an exported model reproduces the fake-quantized one;
+* the public quantizer (:func:`twn_ternarize`, :func:`lat_ternarize`, :func:`binarize`,
+  :func:`uniform_quantize`) returns the fake-quantized tensor (same shape and dtype as the input) whose
+  gradient is the straight-through estimate: the incoming gradient is passed to the input unchanged, except
+  that it is zero where ``|x| >= clip`` when a clip is set (the clamped region, as in TernaryBERT's code).
+
+Granularity: ``"layer"`` (``"tensor"`` for :func:`uniform_quantize`) uses one scale for the whole tensor;
+``"row"`` uses one scale per index of dim 0 (a row of a ``(out, in)`` linear weight or of a
+``(vocab, hidden)`` embedding matrix); a 1-D tensor has one row per element. Scales have shape ``()`` for
+a tensor and ``(rows, 1, …, 1)`` (broadcastable against the input) for rows.
+
+Degenerate inputs (all zeros, a zero row, a constant tensor, a single element) give finite outputs: an empty
+ternary support gives ``α = 0``; a zero range in min-max mode and a zero maximum in symmetric mode give the
+input back (zeros stay zeros, a constant stays that constant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+Granularity = Literal["layer", "row"]
+UniformGranularity = Literal["tensor", "row"]
+UniformMode = Literal["minmax", "symmetric"]
+
+GRANULARITIES = ("layer", "row")
+UNIFORM_GRANULARITIES = ("tensor", "row")
+UNIFORM_MODES = ("minmax", "symmetric")
+TWN_THRESHOLD_FACTOR = 0.7  # Δ = 0.7·mean|w| (Li et al., 2016)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# straight-through estimator
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: return ``x_hat``. Backward: pass the gradient to ``x`` (masked to ``|x| < clip``).
+
+    ``sink``, when given, is a float32 tensor of ``x``'s shape that the gradient reaching ``x`` is added into;
+    the loss-aware ternarizer uses it to collect the gradient for its second-moment estimate.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_hat, clip, sink):  # type: ignore[override]
+        ctx.has_clip = clip is not None
+        if ctx.has_clip:
+            ctx.save_for_backward(x.detach().abs() < clip)
+        ctx.sink = sink
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if ctx.has_clip:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside
+        if ctx.sink is not None:
+            ctx.sink.add_(grad.detach().reshape(ctx.sink.shape).to(ctx.sink.dtype))
+        return grad, None, None, None
+
+
+def straight_through(
+    x: torch.Tensor, x_hat: torch.Tensor, clip: Optional[float] = None, sink: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``x_hat`` in the forward, identity (masked to ``|x| < clip``) in the backward.
+
+    ``x_hat`` must not require grad. Without autograd (no grad mode, or ``x`` not requiring grad) this is
+    ``x_hat`` itself.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _StraightThrough.apply(x, x_hat, clip, sink)
+    return x_hat
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
+
+
+def _clip(w: torch.Tensor, clip: Optional[float]) -> torch.Tensor:
+    if clip is None:
+        return w
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip!r}")
+    return w.clamp(-clip, clip)
+
+
+def _reduce_dims(x: torch.Tensor, granularity: str) -> Optional[tuple[int, ...]]:
+    """Dims to reduce over: None for the whole tensor; all but dim 0 for rows (a 1-D tensor keeps each element)."""
+    if granularity in ("layer", "tensor"):
+        return None
+    if x.dim() == 0:
+        raise ValueError("row granularity needs a tensor with at least one dimension")
+    return tuple(range(1, x.dim()))
+
+
+def _sum(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> torch.Tensor:
+    if dims is None:
+        return x.sum()
+    if not dims:  # 1-D rows: every element is its own row
+        return x
+    return x.sum(dim=dims, keepdim=True)
+
+
+def _mean(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> torch.Tensor:
+    if dims is None:
+        return x.mean()
+    if not dims:
+        return x
+    return x.mean(dim=dims, keepdim=True)
+
+
+def _amax(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> torch.Tensor:
+    if dims is None:
+        return x.amax()
+    if not dims:
+        return x
+    return x.amax(dim=dims, keepdim=True)
+
+
+def _aminmax(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if dims is None:
+        lo, hi = torch.aminmax(x)
+        return lo, hi
+    if not dims:
+        return x, x
+    flat = x.reshape(x.shape[0], -1)
+    lo, hi = torch.aminmax(flat, dim=1)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    return lo.reshape(shape), hi.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quantized pieces
+
+
+@dataclass
+class QuantParts:
+    """Integer codes and scales of a quantized tensor.
+
+    ``kind`` ``"ternary"``: ``codes`` ∈ {-1, 0, 1}, ``x̂ = scale · codes``;
+    ``"binary"``: ``codes`` ∈ {-1, 1}, ``x̂ = scale · codes``;
+    ``"symmetric"``: ``codes`` ∈ [-(2^(b-1)-1), 2^(b-1)-1], ``x̂ = codes / scale``;
+    ``"minmax"``: ``codes`` ∈ [0, 2^b - 1], ``x̂ = codes · scale + offset``.
+    ``codes`` has the input's shape and dtype (integer-valued floats); ``scale``/``offset`` are ``()`` or
+    ``(rows, 1, …)``.
+    """
+
+    kind: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: Optional[torch.Tensor] = None
+    bits: int = 2
+
+
+def dequantize_parts(parts: QuantParts) -> torch.Tensor:
+    """Rebuild the fake-quantized tensor from its pieces (the exact arithmetic of the forward)."""
+    if parts.kind in ("ternary", "binary"):
+        return parts.scale * parts.codes
+    if parts.kind == "symmetric":
+        return parts.codes / parts.scale
+    if parts.kind == "minmax":
+        assert parts.offset is not None
+        return parts.codes * parts.scale + parts.offset
+    raise ValueError(f"unknown quantized kind {parts.kind!r}")
+
+
+def _ternary_alpha(abs_w: torch.Tensor, support: torch.Tensor, dims, weight: Optional[torch.Tensor] = None):
+    """α = Σ (D·|w| over the support) / Σ (D over the support); 0 where the support is empty."""
+    if weight is None:
+        num = _sum(abs_w * support, dims)
+        den = _sum(support, dims)
+    else:
+        num = _sum(weight * abs_w * support, dims)
+        den = _sum(weight * support, dims)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+@torch.no_grad()
+def twn_parts(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional[float] = None) -> QuantParts:
+    """Ternary Weight Networks: ``Δ = 0.7·mean|w|``, ``b = sign(w)·[|w| > Δ]``, ``α = mean |w| over b ≠ 0``.
+
+    ``w`` is clamped to ``±clip`` first (when set) and every statistic uses the clamped values. A value equal to
+    Δ maps to 0 (the threshold is strict).
+    """
+    _check(granularity, GRANULARITIES, "granularity")
+    w = _clip(w.detach(), clip)
+    dims = _reduce_dims(w, granularity)
+    abs_w = w.abs()
+    delta = TWN_THRESHOLD_FACTOR * _mean(abs_w, dims)
+    support = (abs_w > delta).to(w.dtype)
+    alpha = _ternary_alpha(abs_w, support, dims)
+    return QuantParts("ternary", torch.sign(w) * support, alpha, bits=2)
+
+
+@torch.no_grad()
+def lat_parts(
+    w: torch.Tensor,
+    second_moment: Optional[torch.Tensor],
+    granularity: Granularity = "layer",
+    clip: Optional[float] = None,
+    iters: int = 10,
+    eps: float = 1e-6,
+) -> QuantParts:
+    """Loss-aware ternarization (Hou & Kwok, 2018), the approximate alternating solver.
+
+    Minimises ``Σ D·(w − α·b)²`` over α > 0 and b ∈ {-1, 0, 1}ⁿ (per tensor or per row) with
+    ``D = sqrt(v) + eps`` from the second moment ``v`` (shape of ``w``). Starting from TWN's ``b``, it
+    alternates ``α = Σ|b·D·w| / Σ|b·D|`` and ``b = sign(w)·[|w| > α/2]`` until ``b`` stops changing or
+    ``iters`` rounds have run; each half-step does not increase the objective, so the result is never worse
+    than TWN's (in D-weighted error). Without a second moment this is :func:`twn_parts`.
+    """
+    start = twn_parts(w, granularity, clip)
+    if second_moment is None:
+        return start
+    if second_moment.shape != w.shape:
+        raise ValueError(f"second_moment has shape {tuple(second_moment.shape)}, expected {tuple(w.shape)}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    w = _clip(w.detach(), clip)
+    dims = _reduce_dims(w, granularity)
+    abs_w = w.abs()
+    d = second_moment.detach().to(w.dtype).sqrt() + eps
+    sign = torch.sign(w)
+    b = start.codes
+    for _ in range(iters):
+        alpha = _ternary_alpha(abs_w, b.abs(), dims, weight=d)
+        new_b = sign * (abs_w > alpha / 2).to(w.dtype)
+        if torch.equal(new_b, b):
+            return QuantParts("ternary", b, alpha, bits=2)
+        b = new_b
+    return QuantParts("ternary", b, _ternary_alpha(abs_w, b.abs(), dims, weight=d), bits=2)
+
+
+@torch.no_grad()
+def binary_parts(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional[float] = None) -> QuantParts:
+    """``α = mean|w|``, ``b = sign(w)`` with ``sign(0) = +1`` (so every code is ±1)."""
+    _check(granularity, GRANULARITIES, "granularity")
+    w = _clip(w.detach(), clip)
+    dims = _reduce_dims(w, granularity)
+    alpha = _mean(w.abs(), dims)
+    codes = torch.where(w < 0, -torch.ones_like(w), torch.ones_like(w))
+    return QuantParts("binary", codes, alpha, bits=1)
+
+
+@torch.no_grad()
+def uniform_parts(
+    x: torch.Tensor,
+    bits: int,
+    mode: UniformMode = "minmax",
+    granularity: UniformGranularity = "tensor",
+    clip: Optional[float] = None,
+) -> QuantParts:
+    """Uniform n-bit quantization.
+
+    minmax: ``s = (max − min)/(2^b − 1)``, ``codes = round((x − min)/s)``, ``x̂ = codes·s + min``;
+    symmetric: ``s = (2^(b−1) − 1)/max|x|``, ``codes = round(x·s)``, ``x̂ = codes/s``.
+    Statistics are taken after clamping to ``±clip`` (when set). A zero range (constant input) or a zero
+    maximum gives the input back.
+    """
+    _check(mode, UNIFORM_MODES, "mode")
+    _check(granularity, UNIFORM_GRANULARITIES, "granularity")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+    x = _clip(x.detach(), clip)
+    dims = _reduce_dims(x, granularity)
+    info = torch.finfo(x.dtype)
+    if mode == "symmetric":
+        qmax = 2 ** (bits - 1) - 1
+        # the floor keeps qmax / m finite; an all-zero input then quantizes to zeros
+        m = _amax(x.abs(), dims).clamp_min(qmax / info.max)
+        scale = qmax / m
+        return QuantParts("symmetric", torch.round(x * scale), scale, bits=bits)
+    lo, hi = _aminmax(x, dims)
+    step = ((hi - lo) / (2**bits - 1)).clamp_min(info.tiny)
+    return QuantParts("minmax", torch.round((x - lo) / step), step, lo, bits=bits)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public quantizers (fake quantization with straight-through gradients)
+
+
+def twn_ternarize(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional[float] = None) -> torch.Tensor:
+    """TWN ternary ``α·sign(w)·[|w| > Δ]``, ``Δ = 0.7·mean|w|`` (see :func:`twn_parts`). Shape of ``w``."""
+    return straight_through(w, dequantize_parts(twn_parts(w, granularity, clip)), clip)
+
+
+def lat_ternarize(
+    w: torch.Tensor,
+    second_moment: Optional[torch.Tensor],
+    granularity: Granularity = "layer",
+    iters: int = 10,
+    clip: Optional[float] = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Loss-aware ternary ``α·b`` minimising ``Σ D·(w − α·b)²`` (see :func:`lat_parts`). Shape of ``w``."""
+    parts = lat_parts(w, second_moment, granularity, clip, iters, eps)
+    return straight_through(w, dequantize_parts(parts), clip)
+
+
+def binarize(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional[float] = None) -> torch.Tensor:
+    """Binary ``α·sign(w)``, ``α = mean|w|`` (see :func:`binary_parts`). Shape of ``w``."""
+    return straight_through(w, dequantize_parts(binary_parts(w, granularity, clip)), clip)
+
+
+def uniform_quantize(
+    x: torch.Tensor,
+    bits: int,
+    mode: UniformMode = "minmax",
+    granularity: UniformGranularity = "tensor",
+    clip: Optional[float] = None,
+) -> torch.Tensor:
+    """Uniform n-bit fake quantization (see :func:`uniform_parts`). Shape and dtype of ``x``."""
+    return straight_through(x, dequantize_parts(uniform_parts(x, bits, mode, granularity, clip)), clip)
+
+
+TERNARY_ENTROPY_BITS = math.log2(3)  # information floor of one ternary weight

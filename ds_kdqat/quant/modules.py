@@ -1,0 +1,257 @@
+"""Quantized modules: thin shells around the functional quantizers.
+
+:class:`QuantLinear` and :class:`QuantEmbedding` ARE the HF model's own ``nn.Linear``/``nn.Embedding`` objects
+with their class switched (:meth:`QuantLinear.convert`), so parameter names (``…query.weight``), Parameter
+objects, hooks and any DeepSpeed ZeRO-3 attributes stay exactly as they were; the latent fp32 weight is what
+the optimizer updates and the forward uses its fake-quantized copy (straight-through gradient).
+
+Loss-aware ternarization needs the optimizer's second moment. Under ZeRO 1-3 the optimizer state lives in
+partitioned flat buffers, so instead each LAT :class:`WeightQuantizer` keeps its own estimate:
+
+* backward: the gradient reaching the latent weight (the straight-through gradient, i.e. exactly the
+  parameter's gradient from this use, full-shaped even under ZeRO-3) is added into ``grad_accum``
+  (float32) — over all micro-batches of a step, which is the accumulated gradient DeepSpeed steps with;
+* :func:`ds_kdqat.quant.after_optimizer_step` (the training loop calls it once after each applied optimizer
+  step) averages ``grad_accum`` over data-parallel ranks and folds it in: ``v ← β2·v + (1−β2)·g²``, ``v₀ = 0``.
+
+That is the recursion of Adam's ``exp_avg_sq`` (stored without bias correction, as BertAdam's), fed with the
+same gradient. It differs from the optimizer's own state where the optimizer sees a different gradient:
+gradient clipping (``v`` here is from the unclipped gradient) and fp16 dynamic loss scaling (the gradient here
+is still scaled; LAT's α and b do not change when ``v`` is scaled by a constant, apart from ``eps``, but a loss
+scale that changes over training mixes scales inside the average). Steps skipped on overflow must not call
+:func:`after_optimizer_step`. ``v`` and ``grad_accum`` are plain attributes, not buffers: they are not in the
+HF state dict (keys stay HF's), not partitioned by ZeRO-3 (one full-size float32 copy per rank for each LAT
+weight), and not cast by ``model.half()``; :func:`ds_kdqat.quant.lat_state` saves them for checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_kdqat.quant.config import GroupConfig, LatConfig
+from ds_kdqat.quant.functional import (
+    QuantParts,
+    binary_parts,
+    dequantize_parts,
+    lat_parts,
+    straight_through,
+    twn_parts,
+    uniform_parts,
+)
+
+WEIGHT_METHODS: dict[str, Callable[["WeightQuantizer", torch.Tensor], QuantParts]] = {}
+
+
+def weight_method(name: str):
+    def register(fn):
+        WEIGHT_METHODS[name] = fn
+        return fn
+
+    return register
+
+
+@weight_method("twn")
+def _twn(q: "WeightQuantizer", w: torch.Tensor) -> QuantParts:
+    return twn_parts(w, q.granularity, q.clip)
+
+
+@weight_method("lat")
+def _lat(q: "WeightQuantizer", w: torch.Tensor) -> QuantParts:
+    v = q.second_moment
+    if v is not None and (v.shape != w.shape):  # e.g. a shape change after loading: start over from TWN
+        v = None
+    if v is not None and v.device != w.device:
+        v = q.second_moment = v.to(w.device)
+    return lat_parts(w, v, q.granularity, q.clip, q.lat.iters, q.lat.eps)
+
+
+@weight_method("binary")
+def _binary(q: "WeightQuantizer", w: torch.Tensor) -> QuantParts:
+    return binary_parts(w, q.granularity, q.clip)
+
+
+@weight_method("uniform")
+def _uniform(q: "WeightQuantizer", w: torch.Tensor) -> QuantParts:
+    return uniform_parts(w, q.bits, q.mode, "tensor" if q.granularity == "layer" else "row", q.clip)
+
+
+class WeightQuantizer(nn.Module):
+    """Maps a latent weight to its fake-quantized copy (same shape) with a straight-through gradient."""
+
+    def __init__(
+        self,
+        method: str = "twn",
+        bits: int = 2,
+        granularity: str = "layer",
+        clip: Optional[float] = None,
+        mode: str = "symmetric",
+        lat: Optional[LatConfig] = None,
+    ):
+        super().__init__()
+        if method not in WEIGHT_METHODS:
+            raise ValueError(f"method must be one of {sorted(WEIGHT_METHODS)}, got {method!r}")
+        self.method, self.bits, self.granularity, self.clip, self.mode = method, bits, granularity, clip, mode
+        self.lat = lat or LatConfig()
+        self.second_moment: Optional[torch.Tensor] = None  # LAT: EMA of squared gradients (float32)
+        self.grad_accum: Optional[torch.Tensor] = None  # LAT: gradient summed since the last fold (float32)
+        self.lat_folds = 0
+        self.version = 0  # bumped whenever the quantized value can change without the weight changing
+
+    @classmethod
+    def from_group(cls, group: GroupConfig, lat: LatConfig) -> "WeightQuantizer":
+        return cls(group.method, group.weight_bits, group.granularity, group.clip, group.mode, lat)
+
+    @property
+    def kind(self) -> str:
+        """Stored code kind: ternary, binary, symmetric or minmax."""
+        if self.method in ("twn", "lat"):
+            return "ternary"
+        return "binary" if self.method == "binary" else self.mode
+
+    def parts(self, w: torch.Tensor) -> QuantParts:
+        return WEIGHT_METHODS[self.method](self, w)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        sink = None
+        if self.method == "lat" and torch.is_grad_enabled() and w.requires_grad:
+            sink = self._accumulator(w)
+        return straight_through(w, dequantize_parts(self.parts(w)), self.clip, sink)
+
+    def _accumulator(self, w: torch.Tensor) -> torch.Tensor:
+        acc = self.grad_accum
+        if acc is None or acc.shape != w.shape or acc.device != w.device:
+            acc = self.grad_accum = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        return acc
+
+    @torch.no_grad()
+    def fold_gradient(self, grad: torch.Tensor) -> None:
+        """``v ← β2·v + (1−β2)·g²`` (``v`` starts at 0, as Adam's)."""
+        beta2 = self.lat.beta2
+        grad = grad.float()
+        if self.second_moment is None or self.second_moment.shape != grad.shape:
+            self.second_moment = (1 - beta2) * grad * grad
+        else:
+            self.second_moment = self.second_moment.to(grad.device)
+            self.second_moment.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.lat_folds += 1
+        self.version += 1
+
+    def describe(self) -> str:
+        name = {"twn": "TWN", "lat": "LAT", "binary": "binary"}.get(self.method, f"uniform-{self.mode}")
+        text = f"{name} {self.bits}-bit {self.granularity}-wise"
+        return text + (f" clip={self.clip:g}" if self.clip is not None else "")
+
+    def extra_repr(self) -> str:
+        return self.describe()
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic per-tensor activation fake quantization (statistics of the current batch)."""
+
+    def __init__(self, bits: int = 8, mode: str = "minmax", clip: Optional[float] = None):
+        super().__init__()
+        self.bits, self.mode, self.clip = bits, mode, clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return straight_through(x, dequantize_parts(uniform_parts(x, self.bits, self.mode, "tensor", self.clip)),
+                                self.clip)
+
+    def describe(self) -> str:
+        return f"A{self.bits} {self.mode}" + (f" clip={self.clip:g}" if self.clip is not None else "")
+
+    def extra_repr(self) -> str:
+        return self.describe()
+
+
+class _QuantWeightMixin:
+    """Fake-quantized weight, cached in eval mode under no_grad while the latent weight is unchanged.
+
+    The cache key is the weight tensor's version counter and storage; in-place updates through autograd-visible
+    ops (optimizer steps, ``load_state_dict``) change it, and ``train()`` clears it. Weights of DeepSpeed
+    ZeRO-3 (re-gathered each forward) are never cached.
+    """
+
+    weight: nn.Parameter
+    weight_quant: WeightQuantizer
+    training: bool
+
+    def quantized_weight(self) -> torch.Tensor:
+        w = self.weight
+        if self.training or torch.is_grad_enabled() or hasattr(w, "ds_id"):
+            return self.weight_quant(w)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), self.weight_quant.version)
+        cache = self.__dict__.get("_kdqat_qcache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        q = self.weight_quant(w)
+        self.__dict__["_kdqat_qcache"] = (key, q)
+        return q
+
+    def clear_quant_cache(self) -> None:
+        self.__dict__.pop("_kdqat_qcache", None)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Linear):
+    """``y = Q_a(x) · Q_w(W)ᵀ + b``: linear layer with quantized weight and (optionally) quantized input.
+
+    ``x`` (…, in_features) → (…, out_features). Parameters are the original module's (same names/objects).
+    """
+
+    act_quant: Optional[ActQuantizer]
+
+    @classmethod
+    def convert(cls, linear: nn.Linear, weight_quant: WeightQuantizer,
+                act_quant: Optional[ActQuantizer] = None) -> "QuantLinear":
+        """Turn ``linear`` (exactly ``nn.Linear``) into a QuantLinear in place and return it."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        linear.__class__ = cls
+        linear.add_module("weight_quant", weight_quant)
+        linear.add_module("act_quant", act_quant)
+        return linear  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def train(self, mode: bool = True):
+        self.clear_quant_cache()
+        return super().train(mode)
+
+
+class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
+    """Embedding lookup in the quantized table: ids (…) → (…, embedding_dim).
+
+    With row-wise granularity (and not LAT, which needs the whole table's gradient for its second moment) only
+    the looked-up rows are quantized: rows are quantized independently, so this equals quantizing the table.
+    """
+
+    @classmethod
+    def convert(cls, embedding: nn.Embedding, weight_quant: WeightQuantizer) -> "QuantEmbedding":
+        if type(embedding) is not nn.Embedding:
+            raise TypeError(f"expected an nn.Embedding, got {type(embedding).__name__}")
+        embedding.__class__ = cls
+        embedding.add_module("weight_quant", weight_quant)
+        return embedding  # type: ignore[return-value]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        wq = self.weight_quant
+        if wq.granularity == "row" and wq.method != "lat" and self.max_norm is None:
+            rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq,
+                               self.sparse)
+            flat = rows.reshape(-1, self.embedding_dim)
+            return wq(flat).reshape(rows.shape)
+        return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+    def train(self, mode: bool = True):
+        self.clear_quant_cache()
+        return super().train(mode)
+
+
+QUANT_MODULE_TYPES = (QuantLinear, QuantEmbedding)

@@ -1,0 +1,111 @@
+"""Named quantization placements (``kdqat.quant.preset``).
+
+Module-name patterns cover BERT, RoBERTa and ELECTRA (``encoder.layer.N.attention.self.query``, with or
+without a task-head prefix such as ``bert.``) and ViT (``encoder.layer.N.attention.attention.query``; ViT has
+no word embedding, so the embedding groups are optional).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ds_kdqat.quant.config import AttentionActConfig, GroupConfig
+
+_LAYER = r"(^|\.)encoder\.layer\.\d+\."
+QKV = _LAYER + r"attention\.(self|attention)\.(query|key|value)$"
+ATTN_OUT = _LAYER + r"attention\.output\.dense$"
+FFN1 = _LAYER + r"intermediate\.dense$"
+FFN2 = _LAYER + r"output\.dense$"
+ENCODER_LINEARS = [QKV, ATTN_OUT, FFN1, FFN2]
+WORD_EMBEDDING = r"(^|\.)embeddings\.word_embeddings$"
+POOLER = r"(^|\.)pooler\.dense$"
+
+
+@dataclass
+class Preset:
+    groups: list[GroupConfig]
+    attention: AttentionActConfig
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {}
+
+
+def preset(name: str):
+    def register(fn: Callable[[], Preset]) -> Callable[[], Preset]:
+        PRESETS[name] = fn
+        return fn
+
+    return register
+
+
+def _ternary(method: str) -> Preset:
+    return Preset(
+        groups=[
+            GroupConfig(patterns=list(ENCODER_LINEARS), method=method, granularity="layer", act_bits=8,
+                        act_mode="minmax"),
+            GroupConfig(patterns=[WORD_EMBEDDING], method=method, granularity="row", act_bits=None, optional=True),
+        ],
+        attention=AttentionActConfig(bits=8, mode="minmax"),
+    )
+
+
+@preset("ternarybert")
+def ternarybert() -> Preset:
+    """W2-E2-A8 (TernaryBERT): TWN layer-wise on Q, K, V, O, FFN1, FFN2; TWN row-wise on the word embedding;
+    8-bit min-max activations at those linears' inputs and before both attention matmuls."""
+    return _ternary("twn")
+
+
+@preset("ternarybert_lat")
+def ternarybert_lat() -> Preset:
+    """As ``ternarybert`` with loss-aware ternarization (TernaryBERT_LAT)."""
+    return _ternary("lat")
+
+
+@preset("ternarybert_reference")
+def ternarybert_reference() -> Preset:
+    """What TernaryBERT's released code does: TWN with clip 2.5 on Q, K, V, O, FFN1, FFN2 and the pooler dense
+    (layer-wise) and on the word embedding (row-wise); 8-bit symmetric activations clipped to ±2.5 at the input
+    of every quantized linear and on Q, K, V and the attention map."""
+    linear = dict(method="twn", granularity="layer", clip=2.5, act_bits=8, act_mode="symmetric", act_clip=2.5)
+    return Preset(
+        groups=[
+            GroupConfig(patterns=list(ENCODER_LINEARS), **linear),
+            GroupConfig(patterns=[POOLER], optional=True, **linear),
+            GroupConfig(patterns=[WORD_EMBEDDING], method="twn", granularity="row", clip=2.5, act_bits=None,
+                        optional=True),
+        ],
+        attention=AttentionActConfig(bits=8, mode="symmetric", clip=2.5),
+    )
+
+
+@preset("w8a8")
+def w8a8() -> Preset:
+    """8-8-8: 8-bit symmetric weights (layer-wise linears, row-wise word embedding), 8-bit min-max activations."""
+    return Preset(
+        groups=[
+            GroupConfig(patterns=list(ENCODER_LINEARS), method="uniform", bits=8, mode="symmetric"),
+            GroupConfig(patterns=[WORD_EMBEDDING], method="uniform", bits=8, mode="symmetric", granularity="row",
+                        act_bits=None, optional=True),
+        ],
+        attention=AttentionActConfig(bits=8, mode="minmax"),
+    )
+
+
+@preset("binary")
+def binary() -> Preset:
+    """W1-E1-A8: binary weights (layer-wise linears, row-wise word embedding), 8-bit min-max activations."""
+    return Preset(
+        groups=[
+            GroupConfig(patterns=list(ENCODER_LINEARS), method="binary"),
+            GroupConfig(patterns=[WORD_EMBEDDING], method="binary", granularity="row", act_bits=None, optional=True),
+        ],
+        attention=AttentionActConfig(bits=8, mode="minmax"),
+    )
+
+
+@preset("none")
+def none() -> Preset:
+    """Full precision: nothing quantized (the attention still runs through the kdqat function)."""
+    return Preset(groups=[], attention=AttentionActConfig(points=[], bits=None))

@@ -1,0 +1,1 @@
+"""The training machinery under the engine: optimizers and schedules, data order, checkpoints, logging."""

@@ -1,0 +1,62 @@
+"""Run log: one CSV for every stage (``log.csv``) plus DeepSpeed's monitors (TensorBoard, CSV, W&B).
+
+``log.csv`` columns: ``step, phase, split`` then one column per loss term or metric, in the order first
+seen; a row leaves other rows' columns empty. The file is rewritten atomically at each write, so it is
+always complete; on resume the rows after the resumed step are dropped, so a resumed run's log equals an
+uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Optional
+
+from .checkpoint import atomic_write_text
+
+FIXED = ["step", "phase", "split"]
+
+
+class RunLog:
+    def __init__(self, path: str, enabled: bool, monitor=None):
+        self.path, self.enabled, self.monitor = path, enabled, monitor
+        self.rows: list[dict] = []
+        self.columns: list[str] = list(FIXED)
+        if enabled and os.path.exists(path):
+            with open(path, newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                self.columns = list(reader.fieldnames or FIXED)
+                self.rows = [{k: v for k, v in row.items() if v != ""} for row in reader]
+
+    def truncate(self, phase_prefixes: tuple[str, ...], after_step: int) -> None:
+        """Drop rows of the given phases logged after ``after_step`` (they will be logged again)."""
+        if not self.enabled:
+            return
+        self.rows = [
+            r for r in self.rows if not (r["phase"].startswith(phase_prefixes) and int(r["step"]) > after_step)
+        ]
+        self._flush()
+
+    def write(self, step: int, phase: str, split: str, values: dict[str, float], monitor_step: Optional[int] = None):
+        if not self.enabled:
+            return
+        row = {"step": step, "phase": phase, "split": split}
+        for key, value in values.items():
+            if key not in self.columns:
+                self.columns.append(key)
+            row[key] = f"{float(value):.6g}"
+        self.rows.append(row)
+        self._flush()
+        if self.monitor is not None and getattr(self.monitor, "enabled", False):
+            events = [(f"{phase}/{split}/{k}", float(v), monitor_step if monitor_step is not None else step)
+                      for k, v in values.items()]
+            self.monitor.write_events(events)
+
+    def _flush(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        atomic_write_text(self.path, buffer.getvalue())

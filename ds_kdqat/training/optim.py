@@ -1,0 +1,97 @@
+"""Optimizers and the learning-rate schedule used by every stage.
+
+BertAdam is Adam as in the BERT / TernaryBERT code: no bias correction, weight decay decoupled from the
+gradient (added to the update), ``eps`` outside the square root:
+
+    m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;  w ← w − lr·(m / (√v + eps) + wd·w)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
+
+
+class BertAdam(torch.optim.Optimizer):
+    """Adam without bias correction and with decoupled weight decay (see the module docstring)."""
+
+    def __init__(self, params, lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
+                if group["weight_decay"] > 0:
+                    update.add_(param, alpha=group["weight_decay"])
+                param.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into decayed and not decayed (biases and LayerNorm weights)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if any(marker in name for marker in NO_DECAY_MARKERS) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(name: str, groups: Iterable[dict], lr: float, betas, eps: float) -> torch.optim.Optimizer:
+    """``bertadam`` | ``adamw`` | ``adafactor`` over ``groups`` (each carrying its weight decay)."""
+    groups = list(groups)
+    if name == "bertadam":
+        return BertAdam(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: bertadam, adamw, adafactor")
+
+
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_proportion: float,
+                        segments: Optional[Sequence[tuple[int, int]]] = None):
+    """LambdaLR: in each segment [a, b) of the steps (default: one segment, all steps), the factor rises
+    linearly from 0 to 1 over the segment's warm-up, then falls linearly to 0 at its end:
+
+        n = b − a, W = ⌈warmup·n⌉, t = s − a;  factor = t / W for t < W, else max(0, (n − t) / (n − W)).
+
+    Several segments restart the schedule, as when Teacher Intervention and KD-QAT are two trainings.
+    """
+    segments = list(segments) if segments else [(0, total_steps)]
+
+    def factor(step: int) -> float:
+        start, end = next(((a, b) for a, b in segments if a <= step < b), segments[-1])
+        length, local = end - start, step - start
+        warmup = math.ceil(warmup_proportion * length)
+        if local < warmup:
+            return local / warmup
+        return max(0.0, (length - local) / max(1, length - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
