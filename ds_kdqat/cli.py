@@ -32,6 +32,8 @@ def load_run_config(args) -> "RunConfig":  # noqa: F821
 
 def report_input_error(error: Exception) -> int:
     kind = "config error" if isinstance(error, ConfigError) else "data error"
+    if isinstance(error, FileNotFoundError) and error.filename:
+        error = f"{error.filename}: {error.strerror}"
     print(f"ds-kdqat {kind}: {error}", file=sys.stderr)
     return 2
 
@@ -46,6 +48,6 @@ def main_train(argv: Optional[list[str]] = None) -> int:
 
     try:
         run_job(run)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, FileNotFoundError) as error:
         return report_input_error(error)
     return 0

@@ -30,6 +30,7 @@ from .config import RunConfig, ScheduleConfig
 from .data.metrics import compute_metrics
 from .data.tasks import TaskSpec
 from .models.taps import EncoderTaps, forward_with_taps
+from .quant import after_optimizer_step, lat_state, load_lat_state
 from .training import checkpoint
 from .training.distributed import DistInfo
 from .training.logger import RunLog
@@ -288,8 +289,10 @@ class TeacherStudentEngine:
         eval_every = logging.eval_every or max(1, per_epoch // accumulation)
         primary = self.spec.primary_metric
 
-        state = checkpoint.load(self.engine, ckpt_dir, info.rank) or {
-            "micro": 0, "best": None, "best_metrics": {}, "last_metrics": {}}
+        state, tensors = checkpoint.load(self.engine, ckpt_dir, info.rank)
+        state = state or {"micro": 0, "best": None, "best_metrics": {}, "last_metrics": {}}
+        if tensors:
+            load_lat_state(self.engine.module, tensors)
         if state["micro"]:
             self.log.truncate((self.stage,), state["micro"] // accumulation)
         micro_done = state["micro"]
@@ -318,6 +321,8 @@ class TeacherStudentEngine:
                     micro_done += 1
                     if micro_done % accumulation:
                         continue
+                    if self.engine.was_step_applied():
+                        after_optimizer_step(self.engine.module)  # LAT second moments (no-op without LAT)
                     step += 1
                     if progress is not None:
                         progress.update(1)
@@ -339,7 +344,8 @@ class TeacherStudentEngine:
                     stopping = stop.agreed()
                     if step % logging.save_every == 0 or step == self.steps or stopping:
                         state["micro"] = micro_done
-                        checkpoint.save(self.engine, ckpt_dir, step, state, info.rank, logging.keep_checkpoints)
+                        checkpoint.save(self.engine, ckpt_dir, step, state, info.rank, logging.keep_checkpoints,
+                                        lat_state(self.engine.module))
                     if stopping:
                         if progress is not None:
                             progress.close()

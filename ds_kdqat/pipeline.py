@@ -34,7 +34,7 @@ from .data.loading import load_split
 from .data.encode import encode
 from .data.tasks import TaskSpec, get_task
 from .engine import Phase, SupervisedObjective, TeacherStudentEngine, kd_phases, total_steps
-from .quant import QuantConfig, export_packed, quantize_model, size_report
+from .quant import export_packed, quantize_model
 from .training.checkpoint import atomic_write_json
 from .training.distributed import DistInfo, init_distributed
 from .training.logger import RunLog
@@ -152,7 +152,10 @@ def run_job(run: RunConfig) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or source_path,
                                               local_files_only=cfg.model.local_files_only)
-    data = load_datasets(run, spec, tokenizer)
+    # Rank 0 first: the embedded task's split is materialised on first use.
+    data = load_datasets(run, spec, tokenizer) if info.is_main else None
+    _barrier()
+    data = data or load_datasets(run, spec, tokenizer)
     dev_name = next(iter(data.dev))
     log = RunLog(os.path.join(out, "log.csv"), enabled=info.is_main)
 
@@ -234,8 +237,10 @@ def run_job(run: RunConfig) -> dict:
     }
     if info.is_main:
         packed_dir = os.path.join(out, "student_packed")
-        export_packed(best_student.cpu(), packed_dir)
-        results["size"] = size_report(best_student, packed_dir)
+        size = export_packed(best_student.cpu(), packed_dir)
+        results["size"] = {"wea": size.wea, "packed_mb": size.packed_bytes / 2**20,
+                           "fp32_mb": size.fp32_bytes / 2**20, "ratio": size.ratio,
+                           "floor_ratio": size.floor_ratio}
         atomic_write_json(os.path.join(out, "results.json"), results)
         print(format_results(results))
     _barrier()
@@ -250,8 +255,8 @@ def format_results(results: dict) -> str:
         (f"teacher {metric} ({results['dev_split']})", f"{results['teacher'][metric]:.4f}"),
         (f"student {metric} ({results['dev_split']})", f"{results['student'][metric]:.4f}"),
         ("student / teacher", f"{results['student'][metric] / max(results['teacher'][metric], 1e-12):.3f}"),
-        ("packed student", f"{size.get('packed_mb', float('nan')):.2f} MB ({size.get('bits', '?')})"),
-        ("fp32 checkpoint", f"{size.get('fp32_mb', float('nan')):.2f} MB"),
+        ("packed student", f"{size.get('packed_mb', float('nan')):.2f} MiB (W-E-A {size.get('wea', '?')})"),
+        ("fp32 checkpoint", f"{size.get('fp32_mb', float('nan')):.2f} MiB"),
         ("compression", f"{size.get('ratio', float('nan')):.1f}×"),
         ("wall time", f"{results['wall_time_s'] / 60:.1f} min"),
     ]

@@ -32,8 +32,12 @@ FAKE_TRAINER = textwrap.dedent(
     parser.add_argument("--extra", default="")
     args = parser.parse_args()
     assert os.path.isfile(args.ds_config), args.ds_config
-    values = {k: json.loads(v) if v[:1] in '0123456789-[{"tf' and v not in ("true_", ) else v
-              for k, v in (s.split("=", 1) for s in args.set)}
+    def parse(text):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    values = {k: parse(v) for k, v in (s.split("=", 1) for s in args.set)}
     name = os.path.basename(args.output_dir)
     def note(event):
         with open(os.environ["FAKE_LOG"], "a") as log:
@@ -130,9 +134,8 @@ def test_format_value_round_trips_through_json_overrides():
 
 def test_launcher_prefix(sweep_file):
     config = load_sweep_config(sweep_file, ["launcher=deepspeed --num_accelerators 2 --master_port 29511"])
-    assert point_command(config, grid_points(config)[0])[:5] == [
-        "deepspeed", "--num_accelerators", "2", "--master_port", "29511", ][:5]
-    assert point_command(config, grid_points(config)[0])[5] == config.trainer
+    command = point_command(config, grid_points(config)[0])
+    assert command[:6] == ["deepspeed", "--num_accelerators", "2", "--master_port", "29511", config.trainer]
 
 
 @pytest.mark.parametrize(
@@ -140,7 +143,7 @@ def test_launcher_prefix(sweep_file):
     [
         ("axes.tasks=[]", "axes.tasks", "at least one"),
         ("axes.seeds=[1, 1]", "axes.seeds[1]", "twice"),
-        ("axes.budgets=[\"O8\"]", "axes.budgets[0]", "allowed"),
+        ("axes.budgets=[\"O8\"]", "axes.budgets[0]", "expected \"O\" | \"O2\" | \"O4\" | float"),
         ("axes.budgets=[-1]", "axes.budgets[0]", "> 0"),
         ("axes.colour=1", "axes.colour", "unknown key"),
         ("axes.overrides={\"kdqat.seed\": [1]}", "axes.overrides.kdqat.seed", "already set"),
@@ -165,8 +168,14 @@ def test_yaml_sweep_file(sweep_file, tmp_path):
     path.write_text(yaml.safe_dump(data))
     assert len(grid_points(load_sweep_config(path))) == 8
     path.write_text("axes: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML.*line"):
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
         load_sweep_config(path)
+    assert info.value.path == f"{path}:2"
+    path = tmp_path / "broken.json"
+    path.write_text('{"axes":\n  {"tasks": [1,]}}')
+    with pytest.raises(ConfigError, match="not valid JSON") as info:
+        load_sweep_config(path)
+    assert info.value.path == f"{path}:2"
 
 
 def test_resume_after_sigkill_runs_each_point_once(sweep_file, tmp_path):

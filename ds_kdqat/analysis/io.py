@@ -62,10 +62,7 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Ma
 
 
 def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Render a matplotlib figure to PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
+    """Render a matplotlib ``Figure`` (made without pyplot, see :mod:`ds_kdqat.analysis.plots`) to PNG atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
     return atomic_write_bytes(path, buffer.getvalue())

@@ -216,9 +216,12 @@ def forward_with_taps(
         raise ValueError(f"unknown tap names {sorted(unknown)}; known: {sorted(TAP_NAMES)}")
     if "input_ids" not in batch:
         raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
-    adapter = adapter_for(model)
-    _ensure_kdqat_attention(model)
-    layer_modules = adapter.layer_modules(model)
+    # A wrapper (DeepSpeed's engine, DDP) is called as is, so its forward logic runs; the HF model
+    # inside it is what adapters and hooks look at.
+    inner = getattr(model, "module", model)
+    adapter = adapter_for(inner)
+    _ensure_kdqat_attention(inner)
+    layer_modules = adapter.layer_modules(inner)
     num_layers = len(layer_modules)
     interventions = interventions or Interventions()
     _check_interventions(interventions, num_layers)

@@ -1,0 +1,44 @@
+"""Quantization: functional quantizers (STE), quantized modules, model conversion, packed export.
+
+Typical use::
+
+    from ds_kdqat.quant import QuantConfig, quantize_model, after_optimizer_step, export_packed
+    report = quantize_model(student, QuantConfig())        # TernaryBERT W2-E2-A8, in place
+    ...  # each applied optimizer step:  after_optimizer_step(student)   (no-op without LAT groups)
+    export_packed(student, "out/packed")                   # -> SizeReport
+"""
+
+from ds_kdqat.quant.config import (
+    AttentionActConfig,
+    GroupConfig,
+    LatConfig,
+    QuantConfig,
+    quant_config_from_dict,
+)
+from ds_kdqat.quant.convert import QuantEntry, QuantReport, model_quant_config, quantize_model, quantized_weights
+from ds_kdqat.quant.export import SizeReport, export_packed, load_packed, read_manifest, size_report
+from ds_kdqat.quant.functional import (
+    QuantParts,
+    binarize,
+    binary_parts,
+    dequantize_parts,
+    lat_parts,
+    lat_ternarize,
+    straight_through,
+    twn_parts,
+    twn_ternarize,
+    uniform_parts,
+    uniform_quantize,
+)
+from ds_kdqat.quant.lat import after_optimizer_step, lat_state, load_lat_state
+from ds_kdqat.quant.modules import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer
+from ds_kdqat.quant.presets import PRESETS
+
+__all__ = [
+    "ActQuantizer", "AttentionActConfig", "GroupConfig", "LatConfig", "PRESETS", "QuantConfig", "QuantEmbedding",
+    "QuantEntry", "QuantLinear", "QuantParts", "QuantReport", "SizeReport", "WeightQuantizer",
+    "after_optimizer_step", "binarize", "binary_parts", "dequantize_parts", "export_packed", "lat_parts",
+    "lat_state", "lat_ternarize", "load_lat_state", "load_packed", "model_quant_config", "quant_config_from_dict",
+    "quantize_model", "quantized_weights", "read_manifest", "size_report", "straight_through", "twn_parts",
+    "twn_ternarize", "uniform_parts", "uniform_quantize",
+]

@@ -144,6 +144,8 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
                 {point: ActQuantizer(att.bits, att.mode, att.clip) for point in att.points})
             describe = ActQuantizer(att.bits, att.mode, att.clip).describe()
             report.entries.append(QuantEntry(names[id(module)], "attention", "+".join(att.points), describe, 0))
+    order = {name: k for k, (name, _) in enumerate(model.named_modules())}
+    report.entries.sort(key=lambda e: order[e.name])
     setattr(model, CONFIG_ATTR, config)
     return report
 

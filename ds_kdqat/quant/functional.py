@@ -279,9 +279,8 @@ def uniform_parts(
     info = torch.finfo(x.dtype)
     if mode == "symmetric":
         qmax = 2 ** (bits - 1) - 1
-        # the floor keeps qmax / m finite; an all-zero input then quantizes to zeros
-        m = _amax(x.abs(), dims).clamp_min(qmax / info.max)
-        scale = qmax / m
+        # capping the scale keeps it finite when max|x| is 0 (or tiny): zeros then quantize to zeros
+        scale = (qmax / _amax(x.abs(), dims).clamp_min(info.tiny)).clamp_max(info.max)
         return QuantParts("symmetric", torch.round(x * scale), scale, bits=bits)
     lo, hi = _aminmax(x, dims)
     step = ((hi - lo) / (2**bits - 1)).clamp_min(info.tiny)

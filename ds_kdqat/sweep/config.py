@@ -207,15 +207,21 @@ def _read_file(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(str(path), f"cannot read the sweep file: {error.strerror}") from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
 
+        try:
             data = yaml.safe_load(text)
-        else:
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(error, "problem", None) or str(error)
+            raise ConfigError(where, f"not valid YAML: {problem}") from None
+    else:
+        try:
             data = json.loads(text)
-    except Exception as error:  # yaml.YAMLError / json.JSONDecodeError carry the line
-        raise ConfigError(str(path), f"not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {error}") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{error.lineno}", f"not valid JSON: {error.msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "the sweep file must hold one object (mapping) at the top level")
     return data

@@ -1,0 +1,281 @@
+"""Packed export of a quantized model, loading it back, and TernaryBERT-style size reports.
+
+Layout of an export directory::
+
+    weights.safetensors   "<module>.weight.codes"  uint8, packed codes (see ds_kdqat.quant.packing)
+                          "<module>.weight.scale"  float32, () or (rows, 1): α, or the uniform scale
+                          "<module>.weight.offset" float32, min-max only: the minimum
+                          every other state-dict entry under its own name, as it is (dtype kept)
+    manifest.json         format/version, the QuantConfig, one entry per quantized weight (kind, bits, shape,
+                          packing, number of codes), the W-E-A bits and the fp32 size
+
+Codes are stored unsigned: ternary ``b + 1`` ∈ {0, 1, 2} (2 bits, or base-3 5-per-byte), binary
+``(b + 1)/2`` (1 bit), symmetric ``q + 2^(b−1) − 1`` and min-max ``q`` (``bits`` bits). Decoding applies the
+forward's own arithmetic to the same codes and scales, so the loaded weights equal the fake-quantized ones.
+Both files are written to a temporary name in the directory and renamed into place, the manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal, Union
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ds_kdqat.quant.config import quant_config_from_dict
+from ds_kdqat.quant.convert import model_quant_config, quantize_model
+from ds_kdqat.quant.functional import TERNARY_ENTROPY_BITS, QuantParts, dequantize_parts
+from ds_kdqat.quant.modules import QUANT_MODULE_TYPES, ActQuantizer, QuantEmbedding, QuantLinear
+from ds_kdqat.quant.packing import pack_base3, pack_bits, unpack_base3, unpack_bits
+
+FORMAT = "ds-kdqat-packed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+TernaryPacking = Literal["2bit", "base3"]
+MIB = 2**20
+
+
+@dataclass
+class SizeReport:
+    """Sizes in the style of TernaryBERT's tables: ``W-E-A`` bits, size, compression ratio to fp32.
+
+    ``packed_bytes``: the export directory's files; ``fp32_bytes``: every state-dict tensor at 4 bytes per
+    element (the fp32 checkpoint's data); ``floor_bytes``: the same export with ternary codes at the
+    information floor log2 3 ≈ 1.585 bits each.
+    """
+
+    weight_bits: str
+    embedding_bits: str
+    activation_bits: str
+    packed_bytes: int
+    fp32_bytes: int
+    floor_bytes: int
+    ternary_weights: int
+
+    @property
+    def wea(self) -> str:
+        return f"{self.weight_bits}-{self.embedding_bits}-{self.activation_bits}"
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / self.packed_bytes
+
+    @property
+    def floor_ratio(self) -> float:
+        return self.fp32_bytes / self.floor_bytes
+
+    def row(self) -> str:
+        return (f"W-E-A {self.wea}: {self.packed_bytes / MIB:.1f} MiB (x{self.ratio:.1f} vs fp32 "
+                f"{self.fp32_bytes / MIB:.1f} MiB); ternary floor {self.floor_bytes / MIB:.1f} MiB "
+                f"(x{self.floor_ratio:.1f})")
+
+
+def _bits_label(values: set[int]) -> str:
+    return "/".join(str(v) for v in sorted(values)) if values else "32"
+
+
+def _wea_bits(model: nn.Module) -> tuple[str, str, str]:
+    weight, embedding, act = set(), set(), set()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            weight.add(module.weight_quant.bits)
+        elif isinstance(module, QuantEmbedding):
+            embedding.add(module.weight_quant.bits)
+        elif isinstance(module, ActQuantizer):
+            act.add(module.bits)
+    return _bits_label(weight), _bits_label(embedding), _bits_label(act)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _fp32_bytes(state: dict[str, torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in state.values():
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * 4
+    return total
+
+
+def _encode(parts: QuantParts) -> torch.Tensor:
+    """Unsigned integer codes of ``parts`` (uint8, the weight's shape)."""
+    if parts.kind == "ternary":
+        codes = parts.codes + 1
+    elif parts.kind == "binary":
+        codes = (parts.codes + 1) / 2
+    elif parts.kind == "symmetric":
+        codes = parts.codes + (2 ** (parts.bits - 1) - 1)
+    else:
+        codes = parts.codes
+    return codes.round().to(torch.uint8)
+
+
+def _decode(kind: str, bits: int, codes: torch.Tensor, scale: torch.Tensor, offset) -> torch.Tensor:
+    values = codes.to(scale.dtype)
+    if kind == "ternary":
+        values = values - 1
+    elif kind == "binary":
+        values = values * 2 - 1
+    elif kind == "symmetric":
+        values = values - (2 ** (bits - 1) - 1)
+    return dequantize_parts(QuantParts(kind, values, scale, offset, bits))
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@torch.no_grad()
+def export_packed(model: nn.Module, out_dir: Union[str, os.PathLike], *,
+                  ternary_packing: TernaryPacking = "2bit") -> SizeReport:
+    """Write ``model`` (converted by :func:`quantize_model`) to ``out_dir`` in packed form; return its sizes.
+
+    Under ZeRO-3, gather the parameters first (``deepspeed.zero.GatheredParameters``) or export from the
+    engine's consolidated state. A non-quantized state-dict entry that shares storage with a quantized weight
+    (a tied output layer) is refused: its fp32 values would be lost.
+    """
+    if ternary_packing not in ("2bit", "base3"):
+        raise ValueError(f"ternary_packing must be '2bit' or 'base3', got {ternary_packing!r}")
+    config = model_quant_config(model)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} is not quantized; call quantize_model(model, config) first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    quant_storage = {}
+    ternary_weights = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANT_MODULE_TYPES):
+            continue
+        key = f"{name}.weight"
+        weight = module.weight
+        quant_storage[_storage_key(weight)] = key
+        parts = module.weight_quant.parts(weight)
+        codes = _encode(parts)
+        base3 = parts.kind == "ternary" and ternary_packing == "base3"
+        tensors[f"{key}.codes"] = pack_base3(codes) if base3 else pack_bits(codes, parts.bits)
+        tensors[f"{key}.scale"] = parts.scale.detach().float().cpu().contiguous()
+        if parts.offset is not None:
+            tensors[f"{key}.offset"] = parts.offset.detach().float().cpu().contiguous()
+        entries[key] = {"kind": parts.kind, "bits": parts.bits, "shape": list(weight.shape),
+                        "count": weight.numel(), "packing": "base3" if base3 else "bits",
+                        "method": module.weight_quant.method, "granularity": module.weight_quant.granularity,
+                        "dtype": str(weight.dtype).removeprefix("torch.")}
+        if parts.kind == "ternary":
+            ternary_weights += weight.numel()
+
+    state = model.state_dict()
+    for key, value in state.items():
+        if key in entries:
+            continue
+        owner = quant_storage.get(_storage_key(value))
+        if owner is not None:
+            raise ValueError(f"{key!r} shares its storage with the quantized weight {owner!r} (tied weights); "
+                             "untie it or quantize both before exporting")
+        tensors[key] = value.detach().cpu().contiguous().clone()
+
+    w_bits, e_bits, a_bits = _wea_bits(model)
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "weights_file": WEIGHTS_FILE,
+        "quant_config": config.to_dict(), "ternary_packing": ternary_packing,
+        "bits": {"weights": w_bits, "embedding": e_bits, "activations": a_bits},
+        "fp32_bytes": _fp32_bytes(state), "ternary_weights": ternary_weights, "quantized": entries,
+    }
+    _atomic_write(out / WEIGHTS_FILE, lambda p: safetensors.torch.save_file(tensors, p, metadata={"format": FORMAT}))
+    _atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+    return size_report(out)
+
+
+def read_manifest(out_dir: Union[str, os.PathLike]) -> dict:
+    path = Path(out_dir) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no packed export here (missing {MANIFEST_FILE})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, got "
+                         f"{manifest.get('format')!r} version {manifest.get('version')!r}")
+    return manifest
+
+
+def size_report(out_dir: Union[str, os.PathLike]) -> SizeReport:
+    """Sizes of a packed export directory (see :class:`SizeReport`)."""
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    packed = (out / manifest["weights_file"]).stat().st_size + (out / MANIFEST_FILE).stat().st_size
+    ternary_code_bytes = sum(math.ceil(e["count"] / 5) if e["packing"] == "base3" else math.ceil(e["count"] * 2 / 8)
+                             for e in manifest["quantized"].values() if e["kind"] == "ternary")
+    floor = packed - ternary_code_bytes + math.ceil(manifest["ternary_weights"] * TERNARY_ENTROPY_BITS / 8)
+    bits = manifest["bits"]
+    return SizeReport(bits["weights"], bits["embedding"], bits["activations"], packed, manifest["fp32_bytes"],
+                      floor, manifest["ternary_weights"])
+
+
+@torch.no_grad()
+def load_packed(out_dir: Union[str, os.PathLike],
+                model_or_factory: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
+    """Rebuild the quantized model of an export.
+
+    ``model_or_factory``: a full-precision model of the same architecture (or a callable returning one); it is
+    quantized with the exported config (a model already quantized with the same config is used as is), then
+    every weight is set from the file: quantized weights to their decoded values, the rest as stored.
+    """
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    config = quant_config_from_dict(manifest["quant_config"])
+    model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
+    current = model_quant_config(model)
+    if current is None:
+        quantize_model(model, config)
+    elif current.to_dict() != config.to_dict():
+        raise ValueError(f"the model is already quantized with a different config than {out / MANIFEST_FILE}")
+    tensors = safetensors.torch.load_file(str(out / manifest["weights_file"]))
+
+    for key, entry in manifest["quantized"].items():
+        module_name = key.removesuffix(".weight")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(f"{out / MANIFEST_FILE}: {key!r} names no module of {type(model).__name__}") from None
+        if not isinstance(module, QUANT_MODULE_TYPES) or list(module.weight.shape) != entry["shape"]:
+            raise ValueError(f"{out / MANIFEST_FILE}: {key!r} is {entry['kind']} {entry['shape']}; the model's "
+                             f"{module_name!r} is {type(module).__name__} {list(module.weight.shape)}")
+        packed = tensors.pop(f"{key}.codes")
+        if entry["packing"] == "base3":
+            codes = unpack_base3(packed, entry["count"])
+        else:
+            codes = unpack_bits(packed, entry["bits"], entry["count"])
+        scale = tensors.pop(f"{key}.scale")
+        offset = tensors.pop(f"{key}.offset", None)
+        value = _decode(entry["kind"], entry["bits"], codes.reshape(entry["shape"]), scale, offset)
+        module.weight.copy_(value.to(module.weight.device, module.weight.dtype))
+
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k not in manifest["quantized"]]
+    if missing or unexpected:
+        raise ValueError(f"{out / manifest['weights_file']}: does not fit {type(model).__name__}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
