@@ -29,10 +29,10 @@ class FitHeadOptions:
     ``max_steps``: stop after this many optimizer steps (null = all epochs); ``batch_size``: masked tokens
     per step; ``encode_batch``: sentences per encoder forward; ``holdout``: share of sentences held out."""
 
-    rounds: int = 2
+    rounds: int = 1
     epochs: int = 3
     max_steps: Optional[int] = None
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     batch_size: int = 256
     encode_batch: int = 64
@@ -148,7 +148,7 @@ def fit_mlm_head(
             optim.step()
             sched.step()
             step += 1
-            running += float(loss) * len(idx)
+            running += loss.item() * len(idx)
             count += len(idx)
         if count:
             last_loss = running / count

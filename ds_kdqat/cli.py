@@ -38,16 +38,26 @@ def report_input_error(error: Exception) -> int:
     return 2
 
 
-def main_train(argv: Optional[list[str]] = None) -> int:
-    args = config_parser("KD-QAT of a ternary student (ds-kdqat)").parse_args(argv)
+def _main(argv: Optional[list[str]], description: str, job) -> int:
+    args = config_parser(description).parse_args(argv)
     try:
         run = load_run_config(args)
     except ConfigError as error:
         return report_input_error(error)
-    from .pipeline import run_job
-
     try:
-        run_job(run)
+        job(run)
     except (ConfigError, DataError, FileNotFoundError) as error:
         return report_input_error(error)
     return 0
+
+
+def main_train(argv: Optional[list[str]] = None) -> int:
+    from .pipeline import run_job
+
+    return _main(argv, "KD-QAT of a ternary student (ds-kdqat)", run_job)
+
+
+def main_finetune(argv: Optional[list[str]] = None) -> int:
+    from .pipeline import run_finetune
+
+    return _main(argv, "Fine-tune the full-precision teacher (ds-kdqat stage 1)", lambda run: print(run_finetune(run)))

@@ -81,7 +81,7 @@ class SupervisedObjective:
         from .distill.losses import ground_truth_cross_entropy, ground_truth_mse
 
         loss = (ground_truth_mse if self.regression else ground_truth_cross_entropy)(student.logits, labels)
-        return loss, {"loss": loss.detach()}
+        return loss, {"ground_truth": loss.detach(), "total": loss.detach()}
 
 
 def total_steps(schedule: ScheduleConfig, num_examples: int, micro_batch: int, world: int, accumulation: int,
@@ -209,10 +209,12 @@ class TeacherStudentEngine:
             return engine
         return teacher.to(self.engine.device)
 
-    def teacher_module(self) -> Optional[nn.Module]:
+    @property
+    def teacher_partitioned(self) -> bool:
+        """True when the teacher's parameters are sharded across ranks (ZeRO-3 with partition_teacher)."""
         if self.teacher is None:
-            return None
-        return getattr(self.teacher, "module", self.teacher)
+            return False
+        return any(hasattr(p, "ds_id") for p in self.teacher.parameters())
 
     # -- one step ----------------------------------------------------------------------------------------
     def micro_step(self, batch: dict, phase: Phase) -> dict[str, float]:
@@ -234,6 +236,15 @@ class TeacherStudentEngine:
         self.engine.backward(loss)
         self.engine.step()
         return {name: float(value) for name, value in terms.items()}
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Average logged terms over ranks (collective), so the log describes the global batch."""
+        if self.dist.world_size == 1:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return {k: float(v) / self.dist.world_size for k, v in zip(keys, tensor.tolist())}
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -304,8 +315,10 @@ class TeacherStudentEngine:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=self.steps, initial=step, desc=self.stage, dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        count = 0
+        # The running means of the current log window are part of the state, so that a run resumed in the
+        # middle of a window logs the same numbers as one that did not stop.
+        window = state.get("window", {"sums": {}, "count": 0})
+        sums, count = dict(window["sums"]), window["count"]
         started = time.time()
         self.engine.train()
         with _StopRequested() as stop:
@@ -326,10 +339,9 @@ class TeacherStudentEngine:
                     step += 1
                     if progress is not None:
                         progress.update(1)
-                        loss_value = terms.get("total", terms.get("loss", float("nan")))
-                        progress.set_postfix(loss=f"{loss_value:.4f}", phase=phase.name)
+                        progress.set_postfix(loss=f"{terms['total']:.4f}", phase=phase.name)
                     if step % logging.log_every == 0 or step == self.steps:
-                        means = {k: v / count for k, v in sums.items()}
+                        means = self._mean_over_ranks({k: v / count for k, v in sums.items()})
                         means["lr"] = self.scheduler.get_last_lr()[0]
                         means["seconds"] = time.time() - started
                         self.log.write(step, f"{self.stage}:{phase.name}", "train", means)
@@ -344,6 +356,7 @@ class TeacherStudentEngine:
                     stopping = stop.agreed()
                     if step % logging.save_every == 0 or step == self.steps or stopping:
                         state["micro"] = micro_done
+                        state["window"] = {"sums": sums, "count": count}
                         checkpoint.save(self.engine, ckpt_dir, step, state, info.rank, logging.keep_checkpoints,
                                         lat_state(self.engine.module))
                     if stopping:

@@ -16,10 +16,12 @@ latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -111,12 +113,10 @@ def save_hf(model, tokenizer, folder: str, info: DistInfo, extra: Optional[dict]
     module = getattr(model, "module", model)
     params = list(module.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
-    context = zero.GatheredParameters(params, modifier_rank=None) if partitioned else _nullcontext()
+    context = zero.GatheredParameters(params, modifier_rank=None) if partitioned else contextlib.nullcontext()
     with context:
         if info.is_main:
             tmp = f"{folder}.tmp"
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -128,24 +128,38 @@ def save_hf(model, tokenizer, folder: str, info: DistInfo, extra: Optional[dict]
     _barrier()
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+@dataclass
+class JobContext:
+    """What every stage of a job shares: config, ranks, task, tokenizer, encoded data, the run log."""
 
-    def __exit__(self, *exc):
-        return False
+    run: RunConfig
+    info: DistInfo
+    spec: TaskSpec
+    source_path: str
+    tokenizer: object
+    data: Datasets
+    log: RunLog
+
+    @property
+    def out(self) -> str:
+        return self.run.kdqat.output_dir
+
+    @property
+    def dev_name(self) -> str:
+        return next(iter(self.data.dev))
+
+    @property
+    def task_type(self) -> str:
+        return "regression" if self.spec.is_regression else "classification"
 
 
-def run_job(run: RunConfig) -> dict:
-    """Run or resume the whole job described by ``run``; return the results dict (also results.json)."""
-    started = time.time()
+def prepare(run: RunConfig) -> JobContext:
+    """Process group, output folder, tokenizer and data (validated before any model loads)."""
     info = init_distributed()
     cfg = run.kdqat
-    out = cfg.output_dir
     if info.is_main:
-        os.makedirs(out, exist_ok=True)
-        atomic_write_json(os.path.join(out, "config.json"), run.to_json())
-    _barrier()
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        atomic_write_json(os.path.join(cfg.output_dir, "config.json"), run.to_json())
     spec = get_task(cfg.data.task, "kdqat.data.task")
     source_path = resolve_model_path(cfg.model.teacher)
     from transformers import AutoTokenizer
@@ -156,92 +170,123 @@ def run_job(run: RunConfig) -> dict:
     data = load_datasets(run, spec, tokenizer) if info.is_main else None
     _barrier()
     data = data or load_datasets(run, spec, tokenizer)
-    dev_name = next(iter(data.dev))
-    log = RunLog(os.path.join(out, "log.csv"), enabled=info.is_main)
+    log = RunLog(os.path.join(cfg.output_dir, "log.csv"), enabled=info.is_main)
+    return JobContext(run, info, spec, source_path, tokenizer, data, log)
 
-    # -- stage 1: the full-precision teacher ------------------------------------------------------------
-    teacher_dir = os.path.join(out, "teacher")
-    stage_times = {}
+
+def finetune_teacher(ctx: JobContext) -> str:
+    """Stage 1: the full-precision teacher. Returns the folder to load it from.
+
+    Skipped when ``teacher/done.json`` exists (a cached, finished fine-tuning) or when the checkpoint needs
+    none (``kdqat.model.teacher_finetune``). The best dev checkpoint becomes ``teacher/``.
+    """
+    run, info, cfg = ctx.run, ctx.info, ctx.run.kdqat
+    teacher_dir = os.path.join(ctx.out, "teacher")
     if os.path.exists(os.path.join(teacher_dir, TEACHER_DONE)):
-        teacher_path = teacher_dir
-    elif needs_finetuning(source_path, spec, cfg.model.teacher_finetune, cfg.model.local_files_only):
-        t0 = time.time()
-        set_seed(cfg.seed)
-        model = load_classifier(source_path, spec, cfg.model.local_files_only)
-        steps = total_steps(cfg.finetune, len(data.train), run.micro_batch_size, info.world_size,
-                            run.gradient_accumulation_steps)
-        engine = TeacherStudentEngine(run, info, model, None, cfg.finetune, steps, spec, log, "finetune")
-        log.monitor = engine.engine.monitor
-        objective = SupervisedObjective(spec.is_regression)
-        result = engine.train(
-            data.train, data.dev[dev_name], [Phase("supervised", 0, steps, objective)],
-            os.path.join(out, "checkpoints", "finetune"),
-            on_best=lambda m: save_hf(engine.engine, tokenizer, teacher_dir + ".best", info))
-        if info.is_main:
-            import shutil
-
-            shutil.rmtree(teacher_dir, ignore_errors=True)
-            os.replace(teacher_dir + ".best", teacher_dir)
-            atomic_write_json(os.path.join(teacher_dir, TEACHER_DONE),
-                              {"dev_metrics": result.best_metrics, "steps": result.steps, "source": cfg.model.teacher})
-        _barrier()
-        teacher_path = teacher_dir
-        del engine, model
-        stage_times["finetune_s"] = time.time() - t0
-    else:
-        teacher_path = source_path
-
-    # -- stage 2: KD-QAT ---------------------------------------------------------------------------------
-    t0 = time.time()
+        return teacher_dir
+    if not needs_finetuning(ctx.source_path, ctx.spec, cfg.model.teacher_finetune, cfg.model.local_files_only):
+        return ctx.source_path
     set_seed(cfg.seed)
-    teacher = load_classifier(teacher_path, spec, cfg.model.local_files_only)
+    model = load_classifier(ctx.source_path, ctx.spec, cfg.model.local_files_only)
+    steps = total_steps(cfg.finetune, len(ctx.data.train), run.micro_batch_size, info.world_size,
+                        run.gradient_accumulation_steps)
+    engine = TeacherStudentEngine(run, info, model, None, cfg.finetune, steps, ctx.spec, ctx.log, "finetune")
+    ctx.log.monitor = engine.engine.monitor
+    best_dir = teacher_dir + ".best"
+    result = engine.train(
+        ctx.data.train, ctx.data.dev[ctx.dev_name],
+        [Phase("supervised", 0, steps, SupervisedObjective(ctx.spec.is_regression))],
+        os.path.join(ctx.out, "checkpoints", "finetune"),
+        on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, best_dir, info))
+    if info.is_main:
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        os.replace(best_dir, teacher_dir)
+        atomic_write_json(os.path.join(teacher_dir, TEACHER_DONE),
+                          {"dev_metrics": result.best_metrics, "steps": result.steps, "source": cfg.model.teacher})
+    _barrier()
+    return teacher_dir
+
+
+def train_student(ctx: JobContext, teacher_path: str):
+    """Stage 2: KD-QAT of the quantized copy of the teacher; the best dev student goes to ``student/``.
+
+    Returns the stage's engine (holding the teacher) and its :class:`StageResult`.
+    """
+    run, info, cfg = ctx.run, ctx.info, ctx.run.kdqat
+    set_seed(cfg.seed)
+    teacher = load_classifier(teacher_path, ctx.spec, cfg.model.local_files_only)
     student = copy.deepcopy(teacher)
     report = quantize_model(student, cfg.quant)
     if info.is_main:
         print(report.table())
-    base = total_steps(cfg.train, len(data.train), run.micro_batch_size, info.world_size,
+    base = total_steps(cfg.train, len(ctx.data.train), run.micro_batch_size, info.world_size,
                        run.gradient_accumulation_steps)
-    num_layers = teacher.config.num_hidden_layers
-    phases, segments = kd_phases(cfg.distill, base, num_layers,
-                                 "regression" if spec.is_regression else "classification")
-    steps = phases[-1].end
-    engine = TeacherStudentEngine(run, info, student, teacher, cfg.train, steps, spec, log, "kdqat", segments)
-    log.monitor = engine.engine.monitor
-    student_dir = os.path.join(out, "student")
+    phases, segments = kd_phases(cfg.distill, base, teacher.config.num_hidden_layers, ctx.task_type)
+    engine = TeacherStudentEngine(run, info, student, teacher, cfg.train, phases[-1].end, ctx.spec, ctx.log,
+                                  "kdqat", segments)
+    ctx.log.monitor = engine.engine.monitor
+    student_dir = os.path.join(ctx.out, "student")
     quant_json = {QUANT_CONFIG_FILE: to_dict(cfg.quant)}
     result = engine.train(
-        data.train, data.dev[dev_name], phases, os.path.join(out, "checkpoints", "kdqat"),
-        on_best=lambda m: save_hf(engine.engine, tokenizer, student_dir, info, extra=quant_json))
-    stage_times["kdqat_s"] = time.time() - t0
+        ctx.data.train, ctx.data.dev[ctx.dev_name], phases, os.path.join(ctx.out, "checkpoints", "kdqat"),
+        on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, student_dir, info, extra=quant_json))
+    return engine, result
 
-    # -- evaluation, export, report ----------------------------------------------------------------------
-    teacher_module = engine.teacher
-    teacher_metrics = {name: engine.evaluate(split, teacher_module) for name, split in data.dev.items()}
-    best_student = load_classifier(student_dir, spec, True)
-    quantize_model(best_student, cfg.quant)
-    best_student.to(engine.engine.device)
-    student_metrics = {name: engine.evaluate(split, best_student) for name, split in data.dev.items()}
+
+def load_student(folder: str, spec: TaskSpec):
+    """A saved student (latent weights + ``kdqat_quant.json``) as a quantized model, ready to evaluate."""
+    from .configtools import from_dict
+    from .quant import QuantConfig
+
+    model = load_classifier(folder, spec, True)
+    with open(os.path.join(folder, QUANT_CONFIG_FILE), encoding="utf-8") as handle:
+        quantize_model(model, from_dict(QuantConfig, json.load(handle), QUANT_CONFIG_FILE))
+    return model
+
+
+def run_finetune(run: RunConfig) -> str:
+    """Only stage 1 (run/finetune.py): fine-tune and cache the teacher; returns its folder."""
+    return finetune_teacher(prepare(run))
+
+
+def run_job(run: RunConfig) -> dict:
+    """Run or resume the whole job described by ``run``; return the results dict (also results.json).
+
+    ``wall_time_s`` counts this invocation (a resumed run reports the time since it was resumed).
+    """
+    started = time.time()
+    ctx = prepare(run)
+    info = ctx.info
+    teacher_path = finetune_teacher(ctx)
+    finetuned = time.time()
+    engine, result = train_student(ctx, teacher_path)
+    trained = time.time()
+
+    teacher_metrics = {name: engine.evaluate(split, engine.teacher) for name, split in ctx.data.dev.items()}
+    best_student = load_student(os.path.join(ctx.out, "student"), ctx.spec).to(engine.engine.device)
+    student_metrics = {name: engine.evaluate(split, best_student) for name, split in ctx.data.dev.items()}
     results = {
-        "task": spec.name,
-        "primary_metric": spec.primary_metric,
-        "dev_split": dev_name,
-        "teacher": teacher_metrics[dev_name],
-        "student": student_metrics[dev_name],
+        "task": ctx.spec.name,
+        "primary_metric": ctx.spec.primary_metric,
+        "dev_split": ctx.dev_name,
+        "teacher": teacher_metrics[ctx.dev_name],
+        "student": student_metrics[ctx.dev_name],
         "teacher_by_split": teacher_metrics,
         "student_by_split": student_metrics,
         "student_last": result.last_metrics,
         "steps": {"kdqat": result.steps},
         "world_size": info.world_size,
+        "zero_stage": run.zero_stage,
+        "teacher_partitioned": engine.teacher_partitioned,
         "wall_time_s": time.time() - started,
-        "stage_times_s": stage_times,
+        "stage_times_s": {"prepare_and_finetune": finetuned - started, "kdqat": trained - finetuned},
     }
     if info.is_main:
-        packed_dir = os.path.join(out, "student_packed")
-        size = export_packed(best_student.cpu(), packed_dir)
+        size = export_packed(best_student.cpu(), os.path.join(ctx.out, "student_packed"))
         results["size"] = {"wea": size.wea, "packed_mb": size.packed_bytes / 2**20,
                            "fp32_mb": size.fp32_bytes / 2**20, "ratio": size.ratio,
                            "floor_ratio": size.floor_ratio}
-        atomic_write_json(os.path.join(out, "results.json"), results)
+        atomic_write_json(os.path.join(ctx.out, "results.json"), results)
         print(format_results(results))
     _barrier()
     return results

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ds_kdqat.analysis.attention_metrics import cover_length_ratio, pairwise_ranking_loss, per_head_mean
+from ds_kdqat.analysis.attention_metrics import _ranking_by_pairs, cover_length_ratio, pairwise_ranking_loss, per_head_mean
 from ds_kdqat.analysis.decomposition import sa_gen_distance, sa_prop_distance, sa_prop_vectors
 from ds_kdqat.analysis.hessian import hessian_vector_product, top_hessian_eigenvalues
 from ds_kdqat.analysis.propagation import layerwise_mse
@@ -82,8 +82,21 @@ def test_ranking_loss_identical_zero_reversed_maximum_and_chunking():
         s = student[b, :, :n, :n]
         expected = (s[..., :, None] - s[..., None, :]).abs().sum(dim=(-1, -2)) / 2
         torch.testing.assert_close(loss[b, :, :n], expected)
-    chunked = pairwise_ranking_loss(maps, student, mask, max_elements=10)
-    torch.testing.assert_close(chunked, loss, equal_nan=True)
+
+
+def test_sorted_ranking_loss_equals_the_pairwise_definition():
+    maps, mask = random_maps(batch=3, heads=2, seq=9, seed=3)
+    g = torch.Generator().manual_seed(4)
+    student = torch.softmax(torch.randn(maps.shape, generator=g), dim=-1)
+    # teacher ties (quantized values) and student ties, inside and across rows
+    teacher = torch.round(maps * 20) / 20
+    student[0, 0, 0, :4] = 0.05
+    real = mask.bool()
+    fast = pairwise_ranking_loss(teacher, student, mask)
+    by_pairs = _ranking_by_pairs(teacher, student, real, 0.0, max_elements=50)  # 50 → one row per chunk
+    expected = torch.where(real[:, None, :], by_pairs, torch.full_like(by_pairs, float("nan")))
+    torch.testing.assert_close(fast, expected, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert (fast[~torch.isnan(fast)] > 0).any()
 
 
 def test_ranking_loss_skips_teacher_ties():
@@ -92,6 +105,8 @@ def test_ranking_loss_skips_teacher_ties():
     # tie (0,1) skipped even with a margin; (0,2) p=(0.1-0.3)*1=-0.2 → 0.2+m; (1,2) p=0.3 → max(0, m-0.3)
     loss = pairwise_ranking_loss(teacher, student, margin=0.1)
     torch.testing.assert_close(loss[0, 0], torch.full((3,), 0.3))
+    # margin 0 (sorted path): only (0,2) is discordant, cost |0.1 - 0.3|; the tied pair (0,1) is free
+    torch.testing.assert_close(pairwise_ranking_loss(teacher, student)[0, 0], torch.full((3,), 0.2))
 
 
 def test_metric_shape_errors():
@@ -102,6 +117,8 @@ def test_metric_shape_errors():
         pairwise_ranking_loss(maps, maps, torch.ones(3, 5))
     with pytest.raises(ValueError, match="top_k"):
         cover_length_ratio(maps, maps, top_k=0)
+    with pytest.raises(ValueError, match="margin"):
+        pairwise_ranking_loss(maps, maps, margin=-0.1)
 
 
 def quadratic(eigenvalues, seed=0):

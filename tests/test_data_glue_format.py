@@ -223,3 +223,17 @@ def test_write_rejects_what_the_layout_cannot_carry(tmp_path):
     with pytest.raises(ValueError, match="nothing to write"):
         write_task_file(dst, spec, [], header=["sentence", "label"])
     assert not dst.exists()
+
+
+def test_unchanged_examples_are_written_back_byte_identical(tmp_path):
+    spec = get_task("sst2")
+    text = "sentence\tlabel\nhide new secretions from the parental units \t0\ncontains no wit , only labored gags \t0\n"
+    src = tmp_path / "train.tsv"
+    src.write_text(text)
+    examples, report = read_task_file(src, spec)
+    assert examples[0].text_a == "hide new secretions from the parental units"
+    write_task_file(tmp_path / "copy.tsv", spec, examples, header=report.header)
+    assert (tmp_path / "copy.tsv").read_text() == text
+    write_task_file(tmp_path / "new.tsv", spec, [dataclasses.replace(examples[0], text_a="hide old secrets")],
+                    header=report.header)
+    assert (tmp_path / "new.tsv").read_text() == "sentence\tlabel\nhide old secrets\t0\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,8 +137,19 @@ def test_bad_data_file_names_file_and_line(assets, tmp_path):
     assert "maybe" in result.stderr
 
 
+def _without_dropout(teacher_dir: Path, tmp: Path) -> Path:
+    """A copy of the teacher with dropout off: with dropout, 1 rank × 16 and 2 ranks × 8 draw different masks."""
+    copy = tmp / "teacher_no_dropout"
+    shutil.copytree(teacher_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
 def _kd_losses_with(launcher: tuple, assets, teacher_dir: Path, tmp: Path, stage: int, micro: int) -> list:
     model, data = assets
+    teacher_dir = _without_dropout(teacher_dir, tmp)
     config = write_config(tmp / "c.json", model, data, tmp / "out",
                           model={"teacher": str(teacher_dir), "teacher_finetune": "never", "local_files_only": True})
     spec = json.loads(config.read_text())
@@ -148,6 +159,10 @@ def _kd_losses_with(launcher: tuple, assets, teacher_dir: Path, tmp: Path, stage
     spec["kdqat"]["train"]["max_steps"] = 6
     config.write_text(json.dumps(spec))
     run_train(config, launcher=launcher)
+    results = json.loads((tmp / "out" / "results.json").read_text())
+    assert results["zero_stage"] == stage
+    # under ZeRO-3 the frozen teacher is sharded like the student (kdqat.model.partition_teacher)
+    assert results["teacher_partitioned"] == (stage == 3)
     return train_losses(tmp / "out")
 
 

@@ -73,7 +73,7 @@ def pairwise_ranking_loss(
     student_map: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
     margin: float = 0.0,
-    max_elements: int = 1 << 24,
+    max_elements: int = 1 << 22,
 ) -> torch.Tensor:
     """Pairwise ranking loss per query row → (B, H, S), NaN on padded query rows.
 
@@ -87,11 +87,25 @@ def pairwise_ranking_loss(
     most a row with those student values can cost. Pairs the teacher ties (sign 0) carry no order and are
     skipped. The per-head loss of the paper is the sum of this over a head's rows; reduce as needed.
 
-    Computed in chunks of query rows so that no intermediate exceeds ``max_elements`` elements.
+    ``margin = 0`` is computed by sorting in O(S log S) per row (see :func:`_zero_margin_ranking`); a
+    positive margin enumerates the pairs, O(S²) per row, in chunks of at most ``max_elements`` elements.
     """
     check_maps(teacher_map, student_map)
-    batch, heads, seq_len, _ = teacher_map.shape
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    batch, _, seq_len, _ = teacher_map.shape
     real = valid_tokens(attention_mask, batch, seq_len, teacher_map.device)
+    if margin == 0:
+        out = _zero_margin_ranking(teacher_map, student_map, real[:, None, None, :].expand_as(teacher_map))
+    else:
+        out = _ranking_by_pairs(teacher_map, student_map, real, margin, max_elements)
+    out = out.float()
+    return torch.where(real[:, None, :], out, torch.full_like(out, float("nan")))
+
+
+def _ranking_by_pairs(teacher_map, student_map, real, margin: float, max_elements: int) -> torch.Tensor:
+    """The definition, pair by pair: (B, H, S)."""
+    batch, heads, seq_len, _ = teacher_map.shape
     pair_ok = (real[:, :, None] & real[:, None, :]).triu(diagonal=1)  # (B, S_key, S_key), j < k, both real
     out = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=teacher_map.device)
     rows_per_chunk = max(1, max_elements // max(1, heads * seq_len * seq_len))
@@ -101,11 +115,55 @@ def pairwise_ranking_loss(
             t = teacher_map[b, :, start:stop].float()  # (H, R, S)
             s = student_map[b, :, start:stop].float()
             t_sign = torch.sign(t[..., :, None] - t[..., None, :])  # (H, R, S, S)
-            product = (s[..., :, None] - s[..., None, :]) * t_sign
-            cost = torch.clamp(margin - product, min=0.0)
+            cost = torch.clamp(margin - (s[..., :, None] - s[..., None, :]) * t_sign, min=0.0)
             keep = pair_ok[b][None, None] & (t_sign != 0)
-            out[b, :, start:stop] = torch.where(keep, cost, torch.zeros_like(cost)).sum(dim=(-1, -2))
-    return torch.where(real[:, None, :], out, torch.full_like(out, float("nan")))
+            out[b, :, start:stop] = (cost * keep).sum(dim=(-1, -2))
+    return out
+
+
+def _pair_weights(rank: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """For ascending values x_1 ≤ … ≤ x_n: Σ_{a<b} (x_b − x_a) = Σ_i x_i · (2i − n − 1), i 1-based."""
+    return (2 * rank - size - 1).to(torch.float64)
+
+
+def _zero_margin_ranking(t: torch.Tensor, s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Ranking loss with margin 0 over the last dimension, by sorting (float64).
+
+    With ``x = (s_j − s_k)·sign(t_j − t_k)`` and ``max(0, −x) = (|x| − x) / 2``, summed over the pairs the
+    teacher does not tie::
+
+        loss = ½ · ( Σ_{untied j<k} |s_j − s_k|  −  Σ_j s_j · c_j ),   c_j = #{k: t_k < t_j} − #{k: t_k > t_j}
+
+    (tied pairs have sign 0, so the second sum may run over all pairs). ``Σ |s_j − s_k|`` over all pairs and
+    within each group of equal teacher values come from sorted orders with :func:`_pair_weights`. Keys
+    where ``valid`` is False take no part.
+    """
+    t, s = t.double(), s.double()
+    size = valid.sum(-1, keepdim=True)
+    positions = torch.arange(t.shape[-1], device=t.device).expand_as(t)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=t.device)
+
+    # all valid pairs: invalid keys sort last and are zeroed
+    s_sorted = torch.sort(torch.where(valid, s, inf), dim=-1).values
+    inside = positions < size
+    all_pairs = (torch.where(inside, s_sorted, 0.0) * _pair_weights(positions + 1, size)).sum(-1)
+
+    # order by teacher value, then student value: groups of tied teacher values are contiguous, each
+    # sorted by student value; invalid keys form the last group (t = inf) with s = 0
+    s_zero = torch.where(valid, s, 0.0)
+    by_s = torch.sort(s_zero, dim=-1, stable=True).indices
+    t1, s1 = torch.where(valid, t, inf).gather(-1, by_s), s_zero.gather(-1, by_s)
+    by_t = torch.sort(t1, dim=-1, stable=True).indices
+    t2, s2 = t1.gather(-1, by_t), s1.gather(-1, by_t)
+    new_group = torch.ones_like(t2, dtype=torch.bool)
+    new_group[..., 1:] = t2[..., 1:] != t2[..., :-1]
+    group_start = torch.cummax(torch.where(new_group, positions, 0), dim=-1).values
+    group_id = torch.cumsum(new_group, dim=-1) - 1
+    group_size = torch.zeros_like(positions).scatter_add_(-1, group_id, torch.ones_like(positions)).gather(-1, group_id)
+    tied_pairs = (s2 * _pair_weights(positions - group_start + 1, group_size)).sum(-1)
+    # for a valid key: #{t_k < t_j} = group_start, #{t_k > t_j} = size − group_start − group_size
+    signed = (s2 * (2 * group_start + group_size - size).to(torch.float64)).sum(-1)
+    return 0.5 * ((all_pairs - tied_pairs) - signed)
 
 
 def per_head_mean(row_values: torch.Tensor) -> torch.Tensor:

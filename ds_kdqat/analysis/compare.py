@@ -22,7 +22,7 @@ Reductions over a split (padding excluded everywhere, see each metric's docstrin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -220,7 +220,12 @@ def _model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def hessian_of_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], config: HessianConfig,
                      device: torch.device) -> HessianSummary:
     """Top Hessian eigenvalues of the task loss over ``batches`` (each with ``labels``)."""
+    from ..models.attention import KDQAT_ATTENTION, self_attention_modules, use_kdqat_attention
+
     model.eval()
+    # Fused SDPA kernels have no double backward; the kdqat (eager) attention has.
+    if self_attention_modules(model) and getattr(model.config, "_attn_implementation", None) != KDQAT_ATTENTION:
+        use_kdqat_attention(model)
     scope = model
     if config.params == "encoder":
         scope = getattr(getattr(model, "base_model", model), "encoder", None)

@@ -11,6 +11,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .curves import RunLog
 
@@ -69,6 +70,7 @@ def per_layer(panels: Mapping[str, Mapping[str, Sequence[float]]], xlabel: str =
             ax.plot(np.arange(len(ys)) + offset, ys, marker="o", label=name, color=_colour(name, i))
         ax.set_title(title)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log_scale:
             ax.set_yscale("log")
         ax.legend()

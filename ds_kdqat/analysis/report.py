@@ -9,9 +9,11 @@ Files (all written atomically) under the output directory:
 ``sa_distance.csv``             model, tokens (all / special token), layer, head, sa_gen, sa_prop
 ``attention_output_range.csv``  model, layer, position, min_mean, max_mean, count
 ``hessian.csv``                 model, rank, eigenvalue, iterations, converged, num_params
-``attention_heads.png``         cover length ratio and ranking loss per head (two figures)
+``cover_length_ratio.png``      cover length ratio per head (layer-major), one line per model
+``ranking_loss.png``            ranking loss per head (layer-major), one line per model
 ``error_propagation.png``       MSE per layer of layer outputs and attention outputs
-``sa_distance.png``             SA-GEN and SA-PROP distance per layer (head mean)
+``sa_distance.png``             SA-GEN and SA-PROP distance per layer (head mean); ``sa_distance_<TOKEN>.png``
+                                the same over the special token (e.g. ``sa_distance_SEP.png``)
 ``attention_output_range_L{l}.png``  min–max curves of ``Y_l`` per model
 ``attention_map_L{l}_H{h}.png`` heatmaps of the chosen example
 ``hessian.png``                 eigenvalues per model

@@ -304,11 +304,13 @@ def _example_row(example: Example, spec: TaskSpec, index: dict[str, int], n_colu
         raise ValueError(f"{where}: {why}")
     row = list(example.row)
     texts = (example.text_a, example.text_b) if spec.is_pair else (example.text_a,)
-    for name, text in zip(spec.text_fields, texts):
-        if not text or not text.strip():
-            raise ValueError(f"{where}: empty text for column {name!r}")
-        row[index[name]] = text
-    row[index[spec.label_field]] = example.label
+    for name, value in (*zip(spec.text_fields, texts), (spec.label_field, example.label)):
+        if not value or not value.strip():
+            raise ValueError(f"{where}: empty value for column {name!r}")
+        # An unchanged value keeps its raw spelling (GLUE's SST-2 sentences end in a space), so a file read
+        # and written back without changes is the same bytes.
+        if value != row[index[name]].strip():
+            row[index[name]] = value
     return row
 
 

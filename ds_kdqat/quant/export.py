@@ -236,12 +236,15 @@ def size_report(out_dir: Union[str, os.PathLike]) -> SizeReport:
 
 @torch.no_grad()
 def load_packed(out_dir: Union[str, os.PathLike],
-                model_or_factory: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
+                model_or_factory: Union[nn.Module, Callable[[], nn.Module]], *, frozen: bool = True) -> nn.Module:
     """Rebuild the quantized model of an export.
 
     ``model_or_factory``: a full-precision model of the same architecture (or a callable returning one); it is
     quantized with the exported config (a model already quantized with the same config is used as is), then
     every weight is set from the file: quantized weights to their decoded values, the rest as stored.
+    ``frozen`` (default): the weight quantizers use the decoded weights as they are, so the logits equal the
+    exported student's bit for bit; ``frozen=False`` re-quantizes them each forward (for further training),
+    which reproduces them only up to rounding.
     """
     out = Path(out_dir)
     manifest = read_manifest(out)
@@ -272,6 +275,7 @@ def load_packed(out_dir: Union[str, os.PathLike],
         offset = tensors.pop(f"{key}.offset", None)
         value = _decode(entry["kind"], entry["bits"], codes.reshape(entry["shape"]), scale, offset)
         module.weight.copy_(value.to(module.weight.device, module.weight.dtype))
+        module.weight_quant.frozen = frozen
 
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k not in manifest["quantized"]]

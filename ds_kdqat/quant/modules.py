@@ -100,6 +100,10 @@ class WeightQuantizer(nn.Module):
         self.grad_accum: Optional[torch.Tensor] = None  # LAT: gradient summed since the last fold (float32)
         self.lat_folds = 0
         self.version = 0  # bumped whenever the quantized value can change without the weight changing
+        # True when the latent weight already holds quantized values (a loaded packed export): the forward then
+        # uses it as is, because re-quantizing is only idempotent up to rounding and a one-ulp change can flip
+        # an 8-bit activation code downstream
+        self.frozen = False
 
     @classmethod
     def from_group(cls, group: GroupConfig, lat: LatConfig) -> "WeightQuantizer":
@@ -116,6 +120,8 @@ class WeightQuantizer(nn.Module):
         return WEIGHT_METHODS[self.method](self, w)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            return w
         sink = None
         if self.method == "lat" and torch.is_grad_enabled() and w.requires_grad:
             sink = self._accumulator(w)
@@ -143,7 +149,8 @@ class WeightQuantizer(nn.Module):
     def describe(self) -> str:
         name = {"twn": "TWN", "lat": "LAT", "binary": "binary"}.get(self.method, f"uniform-{self.mode}")
         text = f"{name} {self.bits}-bit {self.granularity}-wise"
-        return text + (f" clip={self.clip:g}" if self.clip is not None else "")
+        text += f" clip={self.clip:g}" if self.clip is not None else ""
+        return text + (" (frozen)" if self.frozen else "")
 
     def extra_repr(self) -> str:
         return self.describe()
@@ -241,7 +248,7 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         wq = self.weight_quant
-        if wq.granularity == "row" and wq.method != "lat" and self.max_norm is None:
+        if wq.granularity == "row" and wq.method != "lat" and not wq.frozen and self.max_norm is None:
             rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq,
                                self.sparse)
             flat = rows.reshape(-1, self.embedding_dim)

@@ -1,8 +1,9 @@
 """Named quantization placements (``kdqat.quant.preset``).
 
 Module-name patterns cover BERT, RoBERTa and ELECTRA (``encoder.layer.N.attention.self.query``, with or
-without a task-head prefix such as ``bert.``) and ViT (``encoder.layer.N.attention.attention.query``; ViT has
-no word embedding, so the embedding groups are optional).
+without a task-head prefix such as ``bert.``) and ViT, in its transformers 5.x naming
+(``vit.layers.N.attention.q_proj``, ``…attention.o_proj``, ``…mlp.fc1``, ``…mlp.fc2``) and the older
+``encoder.layer.N.attention.attention.query``; ViT has no word embedding, so the embedding groups are optional.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Callable
 
 from ds_kdqat.quant.config import AttentionActConfig, GroupConfig
 
-_LAYER = r"(^|\.)encoder\.layer\.\d+\."
-QKV = _LAYER + r"attention\.(self|attention)\.(query|key|value)$"
-ATTN_OUT = _LAYER + r"attention\.output\.dense$"
-FFN1 = _LAYER + r"intermediate\.dense$"
-FFN2 = _LAYER + r"output\.dense$"
+_LAYER = r"(^|\.)(encoder\.layer|layers)\.\d+\."
+QKV = _LAYER + r"attention\.((self|attention)\.(query|key|value)|[qkv]_proj)$"
+ATTN_OUT = _LAYER + r"attention\.(output\.dense|o_proj)$"
+FFN1 = _LAYER + r"(intermediate\.dense|mlp\.fc1)$"
+FFN2 = _LAYER + r"(output\.dense|mlp\.fc2)$"
 ENCODER_LINEARS = [QKV, ATTN_OUT, FFN1, FFN2]
 WORD_EMBEDDING = r"(^|\.)embeddings\.word_embeddings$"
 POOLER = r"(^|\.)pooler\.dense$"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import subprocess
 import time
@@ -91,8 +92,6 @@ def _lock_is_held(directory: Path) -> bool:
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    import json
-
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

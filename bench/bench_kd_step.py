@@ -1,0 +1,186 @@
+"""One KD-QAT step vs one plain fp32 fine-tuning step of the same encoder: time (interleaved, one process)
+and peak memory (each mode in its own subprocess).
+
+KD-QAT step  = teacher forward with taps (no autograd) + student forward with taps (W2-E2-A8 student from
+               ``quantize_model``) + KD losses of the recipe + backward + AdamW step.
+plain step   = forward with labels (cross-entropy) + backward + AdamW step of the fp32 model.
+
+Default shape: BERT-base (12 layers, hidden 768, 12 heads, FFN 3072), sequence 128, batch 8, random weights
+(no hub here). Peak memory is the peak resident set size (``ru_maxrss``) of a fresh process that imports the
+libraries, builds the model(s) and optimizer and runs ``--memory-steps`` steps: interpreter, libraries,
+weights, gradients, optimizer state and activations are all counted.
+
+    python bench/bench_kd_step.py                     # timing + memory, BERT-base shape
+    python bench/bench_kd_step.py --layers 2 --hidden 128 --heads 2 --ffn 512 --steps 2   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from ds_kdqat.distill import DistillConfig, build_objective  # noqa: E402
+from ds_kdqat.models.taps import forward_with_taps  # noqa: E402
+from ds_kdqat.quant import QuantConfig, quantize_model  # noqa: E402
+
+
+def make_model(args) -> BertForSequenceClassification:
+    config = BertConfig(vocab_size=30522, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                        num_attention_heads=args.heads, intermediate_size=args.ffn, max_position_embeddings=512,
+                        num_labels=2, attn_implementation=args.plain_attention)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config)
+
+
+def make_batch(args) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(args.seq // 2, args.seq + 1, (args.batch,), generator=g)
+    mask = (torch.arange(args.seq)[None] < lengths[:, None]).long()
+    ids = torch.randint(1000, 30522, (args.batch, args.seq), generator=g) * mask
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.randint(0, 2, (args.batch,), generator=g)}
+
+
+class PlainStep:
+    def __init__(self, args):
+        self.model = make_model(args).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+
+    def __call__(self, batch) -> dict[str, float]:
+        t0 = time.perf_counter()
+        loss = self.model(**batch).loss
+        t1 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "total": t3 - t0}
+
+
+class KDStep:
+    def __init__(self, args):
+        self.teacher = make_model(args).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        student = copy.deepcopy(self.teacher)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        quantize_model(student, QuantConfig())
+        self.student = student.train()
+        self.objective = build_objective(DistillConfig(recipe=args.recipe), args.layers)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-5)
+        self.teacher_context = torch.inference_mode if args.teacher_mode == "inference" else torch.no_grad
+
+    def __call__(self, batch) -> dict[str, float]:
+        record, layers = self.objective.required_taps, self.objective.record_layers
+        t0 = time.perf_counter()
+        with self.teacher_context():
+            teacher = forward_with_taps(self.teacher, batch, record, layers=layers)
+        t1 = time.perf_counter()
+        student = forward_with_taps(self.student, batch, record, layers=layers)
+        t2 = time.perf_counter()
+        loss, _ = self.objective(student, teacher)
+        t3 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t4 = time.perf_counter()
+        self.optimizer.step()
+        t5 = time.perf_counter()
+        return {"teacher_forward": t1 - t0, "student_forward": t2 - t1, "losses": t3 - t2, "backward": t4 - t3,
+                "optimizer": t5 - t4, "total": t5 - t0}
+
+
+def time_both(args) -> dict:
+    batch = make_batch(args)
+    plain, kd = PlainStep(args), KDStep(args)
+    for _ in range(args.warmup):
+        plain(batch)
+        kd(batch)
+    runs = {"plain": [], "kd": []}
+    for _ in range(args.steps):  # interleaved so both modes see the same machine load
+        runs["plain"].append(plain(batch))
+        runs["kd"].append(kd(batch))
+    summary = {}
+    for mode, steps in runs.items():
+        summary[mode] = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
+    ratios = [k["total"] / p["total"] for p, k in zip(runs["plain"], runs["kd"])]
+    summary["ratio_median"] = statistics.median(ratios)
+    summary["ratios"] = ratios
+    return summary
+
+
+def memory_child(args) -> None:
+    batch = make_batch(args)
+    step = PlainStep(args) if args.child == "plain" else KDStep(args)
+    for _ in range(args.memory_steps):
+        step(batch)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"mode": args.child, "peak_rss_mib": peak_kib / 1024}))
+
+
+def memory_both(args) -> dict:
+    result = {}
+    for mode in ("plain", "kd"):
+        command = [sys.executable, __file__, "--child", mode] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("child", "skip_time", "skip_memory") and v is not None]
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ.copy())
+        result[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    result["ratio"] = result["kd"] / result["plain"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--ffn", type=int, default=3072)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--recipe", default="ternarybert")
+    parser.add_argument("--teacher-mode", choices=("no_grad", "inference"), default="inference")
+    parser.add_argument("--plain-attention", choices=("eager", "sdpa"), default="eager",
+                        help="attention of the plain fp32 model (the KD models always use kdqat = eager math)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--skip-time", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--child", choices=("plain", "kd"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        memory_child(args)
+        return
+    print(f"shape: layers={args.layers} hidden={args.hidden} heads={args.heads} ffn={args.ffn} seq={args.seq} "
+          f"batch={args.batch}; recipe={args.recipe}; teacher under {args.teacher_mode}; plain attention "
+          f"{args.plain_attention}; torch threads={torch.get_num_threads()}; load avg {os.getloadavg()}")
+    if not args.skip_time:
+        summary = time_both(args)
+        for mode in ("plain", "kd"):
+            parts = ", ".join(f"{k} {v:.3f}s" for k, v in summary[mode].items())
+            print(f"time/step {mode:5s} (median of {args.steps}): {parts}")
+        print(f"time ratio kd/plain: median {summary['ratio_median']:.2f} "
+              f"(per step: {', '.join(f'{r:.2f}' for r in summary['ratios'])})")
+    if not args.skip_memory:
+        memory = memory_both(args)
+        print(f"peak RSS: plain {memory['plain']:.0f} MiB, kd {memory['kd']:.0f} MiB, ratio {memory['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

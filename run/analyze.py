@@ -1,0 +1,132 @@
+"""Analyse a teacher, its quantized-before-QAT copy and a KD-QAT student on a data split; plot training curves.
+
+    python run/analyze.py --teacher OUT/teacher --student OUT/student --task rt_polarity --split dev \\
+        --output_dir OUT/analysis
+    python run/analyze.py --teacher OUT/teacher --text_file sentences.txt --output_dir A --set hessian.enabled=false
+    python run/analyze.py --run_dir runs/ti_gradual --run_dir runs/ternarybert --output_dir A   # curves only
+
+Metrics (see ds_kdqat/analysis): cover length ratio and ranking loss per head, Hessian top eigenvalues,
+layer-wise teacher–student MSE, per-token min–max of the attention output, SA-GEN/SA-PROP distances,
+attention-map heatmaps; figures as PNG, numbers as CSV/JSON. Analysis options come from ``--config``
+(JSON/YAML with the fields of AnalysisConfig) and ``--set key=value`` (e.g. ``--set cover_top_k=3``).
+Exit status 2 for bad arguments or config, 1 for bad data.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ds_kdqat.errors import ConfigError, DataError  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", help="fine-tuned teacher directory (HF format, with tokenizer)")
+    parser.add_argument("--student", help="student directory (latent fp32 weights + kdqat_quant.json)")
+    parser.add_argument("--quant_config", help="QuantConfig JSON (default: <student>/kdqat_quant.json, else TernaryBERT)")
+    parser.add_argument("--no_quantized", action="store_true", help="skip the quantized-before-QAT model")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--task", help="a ds_kdqat.data task name, e.g. rt_polarity")
+    data.add_argument("--text_file", help="plain text, one sentence per line")
+    parser.add_argument("--data_dir", help="the task's GLUE-format folder (see kdqat.data.data_dir)")
+    parser.add_argument("--split", default="dev", help="the task split to analyse (default: dev)")
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--run_dir", action="append", default=[], help="a run folder with log.csv (repeatable)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--config", help="analysis options, JSON or YAML (fields of AnalysisConfig)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an analysis option")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def load_analysis_config(path, overrides):
+    from ds_kdqat.analysis.compare import AnalysisConfig
+    from ds_kdqat.configtools import apply_overrides, from_dict
+
+    data = {}
+    if path:
+        text = Path(path).read_text(encoding="utf-8")
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{path}:{error.lineno}", f"not valid JSON: {error.msg}") from None
+    return from_dict(AnalysisConfig, apply_overrides(data, overrides), "analysis")
+
+
+def run_models(args, config, out):
+    import torch
+    from transformers import AutoTokenizer
+
+    from ds_kdqat.analysis.compare import analyze
+    from ds_kdqat.analysis.inputs import load_models, read_text_file, task_batches, text_batches
+    from ds_kdqat.analysis.report import write_analysis
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher, local_files_only=True)
+    if args.task:
+        batches = task_batches(args.task, args.split, tokenizer, config.batch_size, args.max_seq_length,
+                               args.data_dir, config.max_examples)
+        source = {"task": args.task, "split": args.split}
+    else:
+        sentences = read_text_file(args.text_file)[: config.max_examples]
+        batches = text_batches(sentences, tokenizer, config.batch_size, args.max_seq_length)
+        source = {"text_file": os.path.abspath(args.text_file)}
+    models = load_models(args.teacher, args.student, args.quant_config, include_quantized=not args.no_quantized)
+    if len(models) < 2:
+        raise ConfigError("--student", "nothing to compare with the teacher: give --student or drop --no_quantized")
+    special_id = None
+    if config.special_token is not None:
+        special_id = tokenizer.convert_tokens_to_ids(config.special_token)
+        if special_id is None or special_id == tokenizer.unk_token_id:
+            raise ConfigError("analysis.special_token", f"{config.special_token!r} is not in the tokenizer's vocabulary")
+    result = analyze(models, batches, config, special_id, tokenizer.convert_ids_to_tokens, device)
+    extra = {"teacher": os.path.abspath(args.teacher), "student": args.student and os.path.abspath(args.student),
+             "models": list(models), **source}
+    return write_analysis(result, out, config.range_layers, extra)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.teacher and not args.run_dir:
+        print("error: give --teacher (model analysis) and/or --run_dir (training curves)", file=sys.stderr)
+        return 2
+    if args.teacher and not (args.task or args.text_file):
+        print("error: --teacher needs data: --task NAME [--data_dir DIR] [--split S] or --text_file FILE", file=sys.stderr)
+        return 2
+    out = Path(args.output_dir)
+    written = {}
+    try:
+        config = load_analysis_config(args.config, args.set)
+        if args.teacher:
+            written.update(run_models(args, config, out))
+        if args.run_dir:
+            from ds_kdqat.analysis.curves import read_log
+            from ds_kdqat.analysis.report import write_curves
+
+            labels = [Path(d).resolve().name for d in args.run_dir]
+            if len(set(labels)) < len(labels):
+                labels = [str(Path(d)) for d in args.run_dir]
+            logs = {label: read_log(Path(d) / "log.csv") for label, d in zip(labels, args.run_dir)}
+            written.update(write_curves(logs, out))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for name in sorted(written):
+        print(written[name])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
