@@ -130,8 +130,8 @@ def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
 class GloveNeighbours:
     """Top-M cosine neighbours of words, batched and cached.
 
-    ``neighbours(word)`` → list of at most M words, most similar first, the word itself excluded; empty when
-    the word is not in the vocabulary.
+    ``neighbours(word)`` → list of at most M words, most similar first (equal cosines: lower index first),
+    the word itself excluded; empty when the word is not in the vocabulary.
     """
 
     def __init__(self, glove: GloveVectors, num_candidates: int, query_batch: int = 128, device: str = "cpu"):
@@ -154,8 +154,19 @@ class GloveNeighbours:
             rows = torch.tensor([self.index[w] for w in batch], device=self.unit.device)
             sims = self.unit[rows] @ self.unit.T  # (b, V)
             sims[torch.arange(len(batch), device=sims.device), rows] = -float("inf")
-            top = torch.topk(sims, self.m, dim=1).indices.tolist()
-            for w, ids in zip(batch, top):
+            top = torch.topk(sims, self.m, dim=1)
+            # equal cosines at the M-th place: take the lower word indices, so the set never depends on
+            # how topk happened to break the tie
+            threshold = top.values[:, -1:]
+            tied_rows = ((sims >= threshold).sum(dim=1) > self.m).nonzero().flatten().tolist()
+            ids_per_row = top.indices.tolist()
+            for r in tied_rows:
+                t = float(threshold[r])
+                above = (sims[r] > t).nonzero().flatten()
+                above = above[torch.argsort(sims[r, above], descending=True, stable=True)].tolist()
+                ties = (sims[r] == t).nonzero().flatten().tolist()  # ascending index
+                ids_per_row[r] = (above + ties)[: self.m]
+            for w, ids in zip(batch, ids_per_row):
                 self._cache[w] = [self.words[i] for i in ids]
 
     def neighbours(self, word: str) -> list[str]:

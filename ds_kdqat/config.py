@@ -188,6 +188,12 @@ def parse_config(data: dict[str, Any], overrides: Optional[list[str]] = None, so
         if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
             # DeepSpeed's monitors write under the run's folder unless told otherwise.
             ds[monitor] = {**section, "output_path": os.path.join(kdqat.output_dir, "monitor")}
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    for section in ("finetune", "train"):
+        if getattr(kdqat, section).optimizer == "adafactor" and stage > 0:
+            raise ConfigError(f"kdqat.{section}.optimizer", "adafactor factorises each matrix's second moment, "
+                              "which ZeRO stages 1-3 cannot do on their flat partitions; use zero stage 0, or "
+                              "bertadam / adamw")
     return RunConfig(deepspeed=ds, kdqat=kdqat, source=source)
 
 

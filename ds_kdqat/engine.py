@@ -189,8 +189,12 @@ class TeacherStudentEngine:
         optimizer = build_optimizer(schedule.optimizer, groups, schedule.learning_rate, schedule.adam_betas,
                                     schedule.adam_eps)
         scheduler = linear_warmup_decay(optimizer, steps, schedule.warmup_proportion, segments)
+        ds_config = dict(run.deepspeed)
+        # BertAdam is element-wise like Adam, so ZeRO's flat partitions update it exactly; DeepSpeed only
+        # knows its own list of optimizers and asks for this flag for any other.
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=student, optimizer=optimizer, lr_scheduler=scheduler, config=dict(run.deepspeed))
+            model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
 
     # -- teacher ---------------------------------------------------------------------------------------

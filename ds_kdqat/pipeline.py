@@ -36,13 +36,14 @@ from .data.loading import load_split
 from .data.encode import encode
 from .data.tasks import TaskSpec, get_task
 from .engine import Phase, SupervisedObjective, TeacherStudentEngine, kd_phases, total_steps
-from .quant import export_packed, quantize_model
+from .quant import export_packed, lat_state, load_lat_state, quantize_model
 from .training.checkpoint import atomic_write_json
 from .training.distributed import DistInfo, init_distributed
 from .training.logger import RunLog
 
 TEACHER_DONE = "done.json"
 QUANT_CONFIG_FILE = "kdqat_quant.json"
+LAT_STATE_FILE = "kdqat_lat.safetensors"
 
 
 def set_seed(seed: int) -> None:
@@ -106,9 +107,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def replace_dir(new: str, folder: str) -> None:
+    """Put directory ``new`` in place of ``folder``. The old one is moved aside first and removed last, so
+    at every moment one complete copy exists: ``folder`` or, in the instant between the renames,
+    ``folder + ".old"`` (which :func:`saved_dir` falls back to)."""
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_dir(folder: str) -> str:
+    """``folder``, or its ``.old`` copy when a kill fell between the two renames of :func:`replace_dir`."""
+    return folder if os.path.isdir(folder) or not os.path.isdir(folder + ".old") else folder + ".old"
+
+
 def save_hf(model, tokenizer, folder: str, info: DistInfo, extra: Optional[dict] = None) -> None:
-    """Save ``model`` (possibly a ZeRO-3 partitioned engine module) in HF format on rank 0, atomically."""
+    """Save ``model`` (possibly a ZeRO-3 partitioned engine module) in HF format on rank 0, atomically,
+    with ``extra`` JSON files and, for LAT students, the second moments (``kdqat_lat.safetensors``) that
+    the ternary weights depend on. Collective."""
     from deepspeed import zero
+    from safetensors.torch import save_file
 
     module = getattr(model, "module", model)
     params = list(module.parameters())
@@ -123,8 +144,10 @@ def save_hf(model, tokenizer, folder: str, info: DistInfo, extra: Optional[dict]
             tokenizer.save_pretrained(tmp)
             for name, content in (extra or {}).items():
                 atomic_write_json(os.path.join(tmp, name), content)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            moments = lat_state(module)
+            if moments:
+                save_file({k: v.contiguous() for k, v in moments.items()}, os.path.join(tmp, LAT_STATE_FILE))
+            replace_dir(tmp, folder)
     _barrier()
 
 
@@ -199,10 +222,11 @@ def finetune_teacher(ctx: JobContext) -> str:
         os.path.join(ctx.out, "checkpoints", "finetune"),
         on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, best_dir, info))
     if info.is_main:
-        shutil.rmtree(teacher_dir, ignore_errors=True)
-        os.replace(best_dir, teacher_dir)
-        atomic_write_json(os.path.join(teacher_dir, TEACHER_DONE),
+        # done.json goes in before the folder takes its final name: a teacher/ folder without it is never
+        # mistaken for a finished one.
+        atomic_write_json(os.path.join(saved_dir(best_dir), TEACHER_DONE),
                           {"dev_metrics": result.best_metrics, "steps": result.steps, "source": cfg.model.teacher})
+        replace_dir(saved_dir(best_dir), teacher_dir)
     _barrier()
     return teacher_dir
 
@@ -238,9 +262,14 @@ def load_student(folder: str, spec: TaskSpec):
     from .configtools import from_dict
     from .quant import QuantConfig
 
+    from safetensors.torch import load_file
+
+    folder = saved_dir(folder)
     model = load_classifier(folder, spec, True)
     with open(os.path.join(folder, QUANT_CONFIG_FILE), encoding="utf-8") as handle:
         quantize_model(model, from_dict(QuantConfig, json.load(handle), QUANT_CONFIG_FILE))
+    if os.path.exists(os.path.join(folder, LAT_STATE_FILE)):
+        load_lat_state(model, load_file(os.path.join(folder, LAT_STATE_FILE)))
     return model
 
 

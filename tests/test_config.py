@@ -60,6 +60,8 @@ def test_bad_values_name_their_key_path(kdqat, path, fragment):
     ({**BASE, "compression_training": {}}, "compression_training"),
     ({**BASE, "optimizer": {"type": "AdamW"}}, "optimizer"),
     ({**BASE, "fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16.enabled"),
+    ({**BASE, "zero_optimization": {"stage": 2}, "kdqat": {"train": {"optimizer": "adafactor"}}},
+     "kdqat.train.optimizer"),
 ])
 def test_bad_deepspeed_keys(data, path):
     assert error_of(data).path == path

@@ -118,3 +118,18 @@ def test_bad_interventions():
     with pytest.raises(ValueError, match=r"mha_outputs\[5\]: the model has layers 0..1"):
         forward_with_taps(student, batch(), set(), Interventions(mha_outputs={5: torch.zeros(2, 5, 16)}))
     assert build_interventions("kd", teacher_taps({"attention_maps"})) is None
+
+
+@pytest.mark.parametrize("recipe", ["ternarybert", "map", "output", "map_output", "ti_map", "ti_output"])
+def test_teacher_under_inference_mode(recipe):
+    from ds_kdqat.distill import DistillConfig, build_objective
+
+    objective = build_objective(DistillConfig(recipe=recipe), num_layers=2)
+    phase = {"ti_map": "ti_map", "ti_output": "ti_output"}.get(recipe, "kd")
+    with torch.inference_mode():
+        teacher = forward_with_taps(tiny(1).eval(), batch(), TAP_NAMES)
+    student = tiny(0).train()  # no dropout: map·V would save the teacher's map itself
+    taps = forward_with_taps(student, batch(), objective.required_taps, build_interventions(phase, teacher))
+    loss, _ = objective(taps, teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and grad_norm(student.bert.encoder.layer[1].output.dense.weight) > 0

@@ -100,12 +100,20 @@ def plan_training(config: DistillConfig, base_steps: int) -> TrainingPlan:
     return TrainingPlan(tuple(spans), total)
 
 
+def _usable(tensor):
+    """Detached; a tensor made under ``torch.inference_mode`` is cloned, since autograd may save it for backward
+    (e.g. the teacher map in map·V)."""
+    tensor = tensor.detach()
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
 def build_interventions(phase: PhaseName, teacher: EncoderTaps,
                         layers: Optional[Sequence[int]] = None) -> Optional[Interventions]:
     """The interventions of ``phase`` from the teacher's taps of the same batch (None for ``kd``).
 
     ``ti_output``: the teacher's MHA outputs replace the student's (TI-O); ``ti_map``: the teacher's
     attention maps replace the student's (TI-M). ``layers``: the layers to intervene (None = all).
+    The teacher may run under ``torch.no_grad()`` or ``torch.inference_mode()``.
     """
     if phase == "kd":
         return None
@@ -114,7 +122,7 @@ def build_interventions(phase: PhaseName, teacher: EncoderTaps,
     (tap,) = INTERVENTION_TAPS[phase]
     source = getattr(teacher, tap)
     chosen = range(len(source)) if layers is None else layers
-    tensors = {l: teacher.get(tap, l).detach() for l in chosen}
+    tensors = {l: _usable(teacher.get(tap, l)) for l in chosen}
     if phase == "ti_output":
         return Interventions(mha_outputs=tensors)
     return Interventions(attention_maps=tensors)

@@ -123,12 +123,18 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
         use_kdqat_attention(model)
 
     report = QuantReport()
+    # linears of one group under one parent (Q, K, V) share an input quantizer: their common input is
+    # quantized once
+    shared_act: dict[tuple[str, int], ActQuantizer] = {}
     for name, module, i in matched:
         group = resolved.groups[i]
         weight_quant = WeightQuantizer.from_group(group, resolved.lat)
         params = _weight_count(module.weight)
         if type(module) is nn.Linear:
-            act = ActQuantizer(group.act_bits, group.act_mode, group.act_clip) if group.act_bits else None
+            act = None
+            if group.act_bits is not None:
+                act = shared_act.setdefault((name.rpartition(".")[0], i), ActQuantizer(
+                    group.act_bits, group.act_mode, group.act_clip, shared=True))
             QuantLinear.convert(module, weight_quant, act)
             report.entries.append(QuantEntry(name, "linear", weight_quant.describe(),
                                              act.describe() if act else "-", params))

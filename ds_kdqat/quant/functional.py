@@ -314,6 +314,26 @@ def binarize(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional
     return straight_through(w, dequantize_parts(binary_parts(w, granularity, clip)), clip)
 
 
+@torch.no_grad()
+def _fake_uniform(x: torch.Tensor, bits: int, mode: str, granularity: str, clip: Optional[float]) -> torch.Tensor:
+    """``dequantize_parts(uniform_parts(...))`` with the same arithmetic done in place on one fresh buffer
+    (activations are quantized every forward: fewer large allocations and passes than building the codes)."""
+    _check(mode, UNIFORM_MODES, "mode")
+    _check(granularity, UNIFORM_GRANULARITIES, "granularity")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+    x = _clip(x.detach(), clip)
+    dims = _reduce_dims(x, granularity)
+    info = torch.finfo(x.dtype)
+    if mode == "symmetric":
+        qmax = 2 ** (bits - 1) - 1
+        scale = (qmax / _amax(x.abs(), dims).clamp_min(info.tiny)).clamp_max(info.max)
+        return torch.mul(x, scale).round_().div_(scale)
+    lo, hi = _aminmax(x, dims)
+    step = ((hi - lo) / (2**bits - 1)).clamp_min(info.tiny)
+    return torch.sub(x, lo).div_(step).round_().mul_(step).add_(lo)
+
+
 def uniform_quantize(
     x: torch.Tensor,
     bits: int,
@@ -322,7 +342,7 @@ def uniform_quantize(
     clip: Optional[float] = None,
 ) -> torch.Tensor:
     """Uniform n-bit fake quantization (see :func:`uniform_parts`). Shape and dtype of ``x``."""
-    return straight_through(x, dequantize_parts(uniform_parts(x, bits, mode, granularity, clip)), clip)
+    return straight_through(x, _fake_uniform(x, bits, mode, granularity, clip), clip)
 
 
 TERNARY_ENTROPY_BITS = math.log2(3)  # information floor of one ternary weight

@@ -26,6 +26,7 @@ weight), and not cast by ``model.half()``; :func:`ds_kdqat.quant.lat_state` save
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -35,6 +36,7 @@ from torch import nn
 from ds_kdqat.quant.config import GroupConfig, LatConfig
 from ds_kdqat.quant.functional import (
     QuantParts,
+    _fake_uniform,
     binary_parts,
     dequantize_parts,
     lat_parts,
@@ -157,15 +159,26 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Dynamic per-tensor activation fake quantization (statistics of the current batch)."""
+    """Dynamic per-tensor activation fake quantization (statistics of the current batch).
 
-    def __init__(self, bits: int = 8, mode: str = "minmax", clip: Optional[float] = None):
+    ``shared=True`` when one instance serves several linears fed the same tensor (Q, K and V): it then
+    remembers its last input (weakly) and output and returns that output again for the same, unmodified input
+    tensor, so the shared input is quantized once per forward.
+    """
+
+    def __init__(self, bits: int = 8, mode: str = "minmax", clip: Optional[float] = None, shared: bool = False):
         super().__init__()
-        self.bits, self.mode, self.clip = bits, mode, clip
+        self.bits, self.mode, self.clip, self.shared = bits, mode, clip, shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return straight_through(x, dequantize_parts(uniform_parts(x, self.bits, self.mode, "tensor", self.clip)),
-                                self.clip)
+        if self.shared:
+            memo = self.__dict__.get("_memo")
+            if memo is not None and memo[0]() is x and memo[1] == (x._version, torch.is_grad_enabled()):
+                return memo[2]
+        out = straight_through(x, _fake_uniform(x, self.bits, self.mode, "tensor", self.clip), self.clip)
+        if self.shared:
+            self.__dict__["_memo"] = (weakref.ref(x), (x._version, torch.is_grad_enabled()), out)
+        return out
 
     def describe(self) -> str:
         return f"A{self.bits} {self.mode}" + (f" clip={self.clip:g}" if self.clip is not None else "")
