@@ -6,9 +6,10 @@ KD-QAT step  = teacher forward with taps (no autograd) + student forward with ta
 plain step   = forward with labels (cross-entropy) + backward + AdamW step of the fp32 model.
 
 Default shape: BERT-base (12 layers, hidden 768, 12 heads, FFN 3072), sequence 128, batch 8, random weights
-(no hub here). Peak memory is the peak resident set size (``ru_maxrss``) of a fresh process that imports the
-libraries, builds the model(s) and optimizer and runs ``--memory-steps`` steps: interpreter, libraries,
-weights, gradients, optimizer state and activations are all counted.
+(no hub here). Peak memory is the peak resident set size (VmHWM, else ``ru_maxrss``) of a fresh process that
+imports the libraries, builds the model(s) and optimizer and runs ``--memory-steps`` steps: interpreter,
+libraries, weights, gradients, optimizer state and activations are all counted. The memory children run
+before the timing so the parent is still small.
 
     python bench/bench_kd_step.py                     # timing + memory, BERT-base shape
     python bench/bench_kd_step.py --layers 2 --hidden 128 --heads 2 --ffn 512 --steps 2   # quick check
@@ -73,14 +74,15 @@ class PlainStep:
 
 
 class KDStep:
-    def __init__(self, args):
+    def __init__(self, args, quantize: bool = True):
         self.teacher = make_model(args).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         student = copy.deepcopy(self.teacher)
         for p in student.parameters():
             p.requires_grad_(True)
-        quantize_model(student, QuantConfig())
+        if quantize:
+            quantize_model(student, QuantConfig())
         self.student = student.train()
         self.objective = build_objective(DistillConfig(recipe=args.recipe), args.layers)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-5)
@@ -105,43 +107,62 @@ class KDStep:
                 "optimizer": t5 - t4, "total": t5 - t0}
 
 
-def time_both(args) -> dict:
+def time_all(args) -> dict:
     batch = make_batch(args)
-    plain, kd = PlainStep(args), KDStep(args)
+    steps = make_steps(args)
     for _ in range(args.warmup):
-        plain(batch)
-        kd(batch)
-    runs = {"plain": [], "kd": []}
-    for _ in range(args.steps):  # interleaved so both modes see the same machine load
-        runs["plain"].append(plain(batch))
-        runs["kd"].append(kd(batch))
-    summary = {}
-    for mode, steps in runs.items():
-        summary[mode] = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
-    ratios = [k["total"] / p["total"] for p, k in zip(runs["plain"], runs["kd"])]
-    summary["ratio_median"] = statistics.median(ratios)
-    summary["ratios"] = ratios
+        for step in steps.values():
+            step(batch)
+    runs = {mode: [] for mode in steps}
+    for _ in range(args.steps):  # interleaved so every mode sees the same machine load
+        for mode, step in steps.items():
+            runs[mode].append(step(batch))
+    summary = {"modes": {}, "ratios": {}}
+    for mode, timings in runs.items():
+        summary["modes"][mode] = {key: statistics.median(t[key] for t in timings) for key in timings[0]}
+        summary["ratios"][mode] = [t["total"] / p["total"] for p, t in zip(runs["plain"], timings)]
     return summary
+
+
+def make_steps(args, only: str | None = None) -> dict:
+    """plain: fp32 fine-tuning; kd: KD-QAT with the W2-E2-A8 student; kd_fp: the same KD step with an
+    unquantized student (separates the distillation's own cost from the quantizers')."""
+    factories = {"plain": lambda: PlainStep(args), "kd": lambda: KDStep(args),
+                 "kd_fp": lambda: KDStep(args, quantize=False)}
+    modes = [only] if only else (["plain", "kd", "kd_fp"] if args.with_fp_student else ["plain", "kd"])
+    return {mode: factories[mode]() for mode in modes}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process: VmHWM (Linux; belongs to this process image only), else
+    ``ru_maxrss``, which Linux carries over from the parent across fork+exec (so it can report the parent's
+    peak when that is higher)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_child(args) -> None:
     batch = make_batch(args)
-    step = PlainStep(args) if args.child == "plain" else KDStep(args)
+    (step,) = make_steps(args, only=args.child).values()
     for _ in range(args.memory_steps):
         step(batch)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"mode": args.child, "peak_rss_mib": peak_kib / 1024}))
+    print(json.dumps({"mode": args.child, "peak_rss_mib": peak_rss_mib()}))
 
 
-def memory_both(args) -> dict:
+def memory_all(args) -> dict:
     result = {}
-    for mode in ("plain", "kd"):
+    for mode in (["plain", "kd", "kd_fp"] if args.with_fp_student else ["plain", "kd"]):
         command = [sys.executable, __file__, "--child", mode] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("child", "skip_time", "skip_memory") and v is not None]
+            if k not in ("child", "skip_time", "skip_memory", "with_fp_student") and v is not None]
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ.copy())
         result[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-    result["ratio"] = result["kd"] / result["plain"]
     return result
 
 
@@ -160,9 +181,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--with-fp-student", action="store_true",
+                        help="also run the KD step with an unquantized student (kd_fp)")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--child", choices=("plain", "kd"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("plain", "kd", "kd_fp"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         memory_child(args)
@@ -170,16 +193,19 @@ def main() -> None:
     print(f"shape: layers={args.layers} hidden={args.hidden} heads={args.heads} ffn={args.ffn} seq={args.seq} "
           f"batch={args.batch}; recipe={args.recipe}; teacher under {args.teacher_mode}; plain attention "
           f"{args.plain_attention}; torch threads={torch.get_num_threads()}; load avg {os.getloadavg()}")
-    if not args.skip_time:
-        summary = time_both(args)
-        for mode in ("plain", "kd"):
-            parts = ", ".join(f"{k} {v:.3f}s" for k, v in summary[mode].items())
-            print(f"time/step {mode:5s} (median of {args.steps}): {parts}")
-        print(f"time ratio kd/plain: median {summary['ratio_median']:.2f} "
-              f"(per step: {', '.join(f'{r:.2f}' for r in summary['ratios'])})")
     if not args.skip_memory:
-        memory = memory_both(args)
-        print(f"peak RSS: plain {memory['plain']:.0f} MiB, kd {memory['kd']:.0f} MiB, ratio {memory['ratio']:.2f}")
+        memory = memory_all(args)
+        print("peak RSS: " + ", ".join(f"{mode} {mib:.0f} MiB ({mib / memory['plain']:.2f}x plain)"
+                                       for mode, mib in memory.items()))
+    if not args.skip_time:
+        summary = time_all(args)
+        for mode, parts in summary["modes"].items():
+            text = ", ".join(f"{k} {v:.3f}s" for k, v in parts.items())
+            print(f"time/step {mode:5s} (median of {args.steps}): {text}")
+        for mode, ratios in summary["ratios"].items():
+            if mode != "plain":
+                print(f"time ratio {mode}/plain: median {statistics.median(ratios):.2f} "
+                      f"(per interleaved round: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

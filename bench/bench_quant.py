@@ -3,7 +3,8 @@
 (a) time to quantize every weight of BERT-base once (the 72 encoder linears + word embedding, plus the pooler
     for the reference preset);
 (b) quantized forward vs the fp32 forward of the same model, batch 8 × sequence 128, eval mode, no grad,
-    repetitions interleaved in one run; "cached" reuses the quantized weights between forwards (eval mode,
+    repetitions interleaved in one run; "fp32" is HF's default (SDPA) attention, "fp32 kdqat attention" the
+    same weights through the kdqat eager attention function that the quantized model uses; "cached" reuses the quantized weights between forwards (eval mode,
     unchanged latent weights), "uncached" re-quantizes every weight in every forward (what a training-mode
     forward pays);
 (c) packed export size vs the fp32 checkpoint (2-bit and base-3 ternary codes).
@@ -28,6 +29,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
+from ds_kdqat.models.attention import use_kdqat_attention  # noqa: E402
 from ds_kdqat.quant import QuantConfig, export_packed, quantize_model  # noqa: E402
 from ds_kdqat.quant.modules import QUANT_MODULE_TYPES  # noqa: E402
 
@@ -84,8 +86,11 @@ def main() -> None:
     ids = torch.randint(0, 30522, (8, 128))
     mask = torch.ones_like(ids)
     quant = models["ternarybert"]
+    fp32_kdqat = copy.deepcopy(fp32)  # the teacher's path: fp32 through the kdqat (eager) attention function
+    use_kdqat_attention(fp32_kdqat)
     run = {
         "fp32": lambda: fp32(input_ids=ids, attention_mask=mask),
+        "fp32 kdqat attention": lambda: fp32_kdqat(input_ids=ids, attention_mask=mask),
         "quant cached": lambda: quant(input_ids=ids, attention_mask=mask),
         "quant uncached": lambda: (clear_caches(quant), quant(input_ids=ids, attention_mask=mask)),
     }

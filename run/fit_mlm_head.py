@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=float, default=o.holdout)
     p.add_argument("--seed", type=int, default=o.seed)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the encoder runs")
     args = p.parse_args(argv)
     try:
         import torch
@@ -78,7 +79,9 @@ def main(argv=None) -> int:
         sentences, source = read_sentences(args)
         model = args.model or packaged_minilm_path()
         tokenizer = AutoTokenizer.from_pretrained(model)
-        encoder = AutoModel.from_pretrained(model)
+        from augment.mlm import resolve_device
+
+        encoder = AutoModel.from_pretrained(model).to(resolve_device(args.device))
         head, stats = fit_mlm_head(encoder, tokenizer, sentences, opts)
         weights, meta = save_head(head, args.output, {"encoder": model, "source": source, "fit": stats})
     except (ConfigError, DataError) as exc:

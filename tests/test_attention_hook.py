@@ -92,3 +92,20 @@ def test_act_quant_seam_is_applied():
         model(input_ids=ids, attention_mask=mask)
     assert sorted(calls) == ["key", "map", "query", "value"]
     assert rec.seen[(0, "context")].abs().max() == 0
+
+
+def test_vit_attention_is_routed_and_matches_eager():
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                       image_size=32, patch_size=16, attn_implementation="eager")
+    model = ViTModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    reference = model(pixel_values=pixels).last_hidden_state
+    assert use_kdqat_attention(model) == 2
+    rec = Recorder()
+    with active_session(rec):
+        ours = model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+    assert rec.seen[(1, "attention_map")].shape == (2, 2, 5, 5)  # 4 patches + [CLS]

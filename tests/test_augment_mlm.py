@@ -151,3 +151,33 @@ def test_word_not_in_glove_keeps_itself(world):
     aug = Augmenter(world["splitter"], world["sw"], params, GloveNeighbours(world["glove"], 3), None)
     [t] = aug.candidate_tables(["boring script"])
     assert t.candidates == {0: ["boring"], 1: ["script"]}
+
+
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "run" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_run_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fit_mlm_head_command_writes_a_loadable_head(tmp_path, capsys):
+    enc = str(tiny_encoder_dir(tmp_path / "enc"))
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(["the movie is good", "the film is great", "a dull plot"] * 10) + "\n")
+    out = tmp_path / "heads" / "tiny.safetensors"
+    rc = _load_script("fit_mlm_head").main(
+        ["--text", str(text), "--model", enc, "--output", str(out), "--epochs", "1", "--device", "cpu"]
+    )
+    assert rc == 0 and out.is_file() and out.with_suffix(".json").is_file()
+    assert "held-out masked-token accuracy: before" in capsys.readouterr().out
+    lm = load_masked_lm(enc, str(out), device="cpu")
+    assert lm.description["head_info"]["fit"]["train_sentences"] == 27
+
+
+def test_augment_command_reports_bad_config(tmp_path, capsys):
+    rc = _load_script("augment").main(["--task", "sst2", "--p", "2", "--input", str(tmp_path / "x.tsv"), "--no_progress"])
+    assert rc == 2 and "augment.replace_prob" in capsys.readouterr().err

@@ -108,6 +108,7 @@ def test_size_report_hand_computed(tmp_path):
     saved = code_bytes - sum(math.ceil(e["count"] / 5) for e in manifest["quantized"].values())
     assert report.packed_bytes - base3.packed_bytes == pytest.approx(saved, abs=64)  # manifest text differs a bit
     assert "W-E-A 2-2-8" in report.row()
+    assert size_report(tmp_path) == report  # read back from the directory
 
 
 def test_export_errors(tmp_path):

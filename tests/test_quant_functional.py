@@ -106,6 +106,7 @@ def test_degenerate_inputs(fn):
 def test_degenerate_exact_values():
     close(twn_ternarize(torch.full((2, 3), 0.4)), 0.4)  # Δ = 0.28, α = 0.4
     close(twn_ternarize(torch.tensor([-3.0])), -3.0)
+    close(twn_ternarize(torch.tensor([0.5, -2.0, 0.0]), granularity="row"), [0.5, -2.0, 0.0])  # 1-D: a row each
     close(uniform_quantize(torch.full((4,), 5.0), 8, "minmax"), 5.0)  # zero range: the input back
     close(binarize(torch.tensor([[0.0, 0.0], [1.0, -3.0]]), granularity="row"), [[0, 0], [2, -2]])
     w = torch.tensor([[0.0, 0.0, 0.0], [0.3, -0.3, 0.0]])

@@ -58,6 +58,8 @@ def test_default_is_ternarybert_w2e2a8():
     assert type(model.bert.embeddings.position_embeddings) is nn.Embedding
     assert [n for n, _ in model.named_parameters()] == names_before
     att = model.bert.encoder.layer[0].attention.self
+    assert att.query.act_quant is att.key.act_quant is att.value.act_quant  # one shared input quantizer
+    assert model.bert.encoder.layer[0].attention.output.dense.act_quant is not att.query.act_quant
     assert sorted(att.kdqat_act_quant.keys()) == ["key", "map", "query", "value"]
     assert att.kdqat_act_quant["map"].describe() == "A8 minmax"
     assert "query" in report.table() and "18 linear, 1 embedding, 3 attention" in report.table()
@@ -108,6 +110,23 @@ def test_presets_train_and_differ_from_fp32(preset):
         diff = (model(input_ids=ids, attention_mask=mask).logits
                 - teacher(input_ids=ids, attention_mask=mask).logits).abs().max()
     assert 0 < diff < 1
+
+
+def test_quantized_model_pickles_and_deepcopies_after_forward():
+    import io
+
+    model = tiny_bert()
+    quantize_model(model)
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits  # fills caches and the Q/K/V input memo
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    for clone in (restored, copy.deepcopy(model)):
+        with torch.no_grad():
+            assert torch.equal(clone(input_ids=ids, attention_mask=mask).logits, expected)
 
 
 def test_none_preset_keeps_fp32_logits():

@@ -159,3 +159,15 @@ def test_act_quantizer_describes_and_quantizes():
     x = torch.tensor([2.0, -0.5, 0.1])
     # clamp → [1, -0.5, 0.1]; s = 7/1 → round([7, -3.5, 0.7]) = [7, -4, 1] → /7
     torch.testing.assert_close(aq(x), torch.tensor([1.0, -4 / 7, 1 / 7]))
+
+
+def test_shared_act_quantizer_reuses_output_only_for_the_same_unmodified_input():
+    aq = ActQuantizer(2, "minmax", shared=True)
+    x = torch.tensor([0.0, 1.0, 3.0])
+    first = aq(x)
+    assert aq(x) is first  # same tensor object, unchanged: quantized once
+    assert aq(x.clone()) is not first
+    x.mul_(2)  # in place: the version counter changes
+    torch.testing.assert_close(aq(x), torch.tensor([0.0, 2.0, 6.0]))
+    unshared = ActQuantizer(2, "minmax")
+    assert unshared(x) is not unshared(x)

@@ -118,3 +118,13 @@ def test_bad_requests():
     with pytest.raises(ValueError, match="no encoder adapter for model_type 'gpt2'"):
         forward_with_taps(model, batch(), set())
     assert {"bert", "roberta", "electra", "distilbert"} <= set(ADAPTERS)
+
+
+def test_model_loaded_with_kdqat_attention_gets_its_layers_numbered():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=16, **{**SMALL, "attn_implementation": "kdqat"}))
+    model.eval()
+    taps = forward_with_taps(model, batch(), {"attention_maps"})
+    assert all(m is not None for m in taps.attention_maps)
+    torch.testing.assert_close(taps.attention_maps[0], model(**{k: batch()[k] for k in ("input_ids", "attention_mask")},
+                                                             output_attentions=True).attentions[0])

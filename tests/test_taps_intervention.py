@@ -133,3 +133,11 @@ def test_teacher_under_inference_mode(recipe):
     loss, _ = objective(taps, teacher)
     loss.backward()
     assert torch.isfinite(loss) and grad_norm(student.bert.encoder.layer[1].output.dense.weight) > 0
+
+
+def test_interventions_refuse_gradient_checkpointing():
+    student = tiny(0).train()
+    student.gradient_checkpointing_enable()
+    teacher = teacher_taps({"mha_outputs"})
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        forward_with_taps(student, batch(), set(), build_interventions("ti_output", teacher))

@@ -91,8 +91,10 @@ def attention_score_mse(student_scores: Tensor, teacher_scores: Tensor, attentio
     _check_same_shape(student_scores, teacher_scores, "attention_score_mse")
     pairs = _pair_mask(attention_mask, student_scores)
     # padded entries hold ~-3.4e38; zero them before squaring so no inf/nan reaches the sum or the gradient
-    diff = (student_scores - teacher_scores).masked_fill(~pairs.bool(), 0.0)
-    return diff.pow(2).sum() / (pairs.sum().clamp_min(1) * student_scores.shape[1])
+    # (in place on the fresh difference: one (B, H, S, S) temporary fewer)
+    diff = student_scores - teacher_scores
+    diff.masked_fill_(~pairs.bool(), 0.0)
+    return (diff * diff).sum() / (pairs.sum().clamp_min(1) * student_scores.shape[1])
 
 
 def _masked_log_softmax(logits: Tensor, key_mask: Tensor) -> Tensor:
@@ -106,8 +108,10 @@ def attention_map_kl(
     """KL(teacher ‖ student) per real query row over the real keys; mean over rows, then heads and batch.
 
     ``student_map``, ``teacher_map``: (B, H, S, S) attention maps (rows sum to one over real keys).
-    With temperature τ each row is re-tempered over the real keys, p ↦ p^(1/τ) / Σ_j p_j^(1/τ)
-    (= softmax(score/τ)); τ = 1 uses the maps as they are. No τ² factor is applied.
+    With temperature τ ≠ 1 each row is re-tempered over the real keys, p ↦ p^(1/τ) / Σ_j p_j^(1/τ)
+    (= softmax(score/τ)); τ = 1 uses the maps as they are (the masked softmax makes each row sum to one
+    over the real keys, with 0 at padded keys). No τ² factor is applied. The teacher map is a target:
+    no gradient flows into it.
     KL_bhi = Σ_{j real} t_bhij (log t_bhij − log s_bhij); probabilities are floored at the smallest normal
     float before the log, so an underflowed entry gives a large but finite term (never inf/nan).
     loss = mean_{b with n_b>0} mean_h (1/n_b) Σ_{i real} KL_bhi
@@ -120,12 +124,20 @@ def attention_map_kl(
     keys = tokens | ~tokens.any(-1, keepdim=True)
     key_mask = keys[:, None, None, :]  # (B, 1, 1, S)
     tiny = torch.finfo(student_map.dtype).tiny
-    log_student = _masked_log_softmax(torch.log(student_map.clamp_min(tiny)) / temperature, key_mask)
-    log_teacher = _masked_log_softmax(torch.log(teacher_map.clamp_min(tiny)) / temperature, key_mask)
-    # padded keys: -inf log-probs become 0 so neither the value nor any gradient picks up a nan
-    log_student = log_student.masked_fill(~key_mask, 0.0)
-    log_teacher = log_teacher.masked_fill(~key_mask, 0.0)
-    terms = (log_teacher.exp() * (log_teacher - log_student)).masked_fill(~key_mask, 0.0)
+    if temperature == 1.0:
+        # maps from the masked softmax already sum to one over the real keys and are 0 at padded keys: use them
+        # as they are (teacher mass on padded keys, if any, is dropped); few (B, H, S, S) temporaries
+        with torch.no_grad():
+            teacher = teacher_map * key_mask
+            log_teacher = torch.log(teacher.clamp_min(tiny))
+        terms = teacher * (log_teacher - torch.log(student_map.clamp_min(tiny)))
+    else:
+        log_student = _masked_log_softmax(torch.log(student_map.clamp_min(tiny)) / temperature, key_mask)
+        log_teacher = _masked_log_softmax(torch.log(teacher_map.clamp_min(tiny)) / temperature, key_mask)
+        # padded keys: -inf log-probs become 0 so neither the value nor any gradient picks up a nan
+        log_student = log_student.masked_fill(~key_mask, 0.0)
+        log_teacher = log_teacher.masked_fill(~key_mask, 0.0)
+        terms = (log_teacher.exp() * (log_teacher - log_student)).masked_fill(~key_mask, 0.0)
     row_kl = terms.sum(-1)  # (B, H, S)
     query = tokens[:, None, :].to(row_kl.dtype)  # (B, 1, S)
     valid_rows = query.sum(-1)  # (B, 1)

@@ -34,8 +34,10 @@ from torch import nn
 
 KDQAT_ATTENTION = "kdqat"
 
-# Class names of the self-attention modules that call the attention interface.
-SELF_ATTENTION_CLASS_PATTERN = re.compile(r"(SelfAttention|MultiHeadSelfAttention)$")
+# Class names of the modules that call the attention interface with their own Q, K, V: BERT-family
+# ``*SelfAttention``, DistilBERT's ``MultiHeadSelfAttention``, and ViT's ``ViTAttention`` (transformers 5
+# folded ViT's self-attention and output projection into one module).
+SELF_ATTENTION_CLASS_PATTERN = re.compile(r"(SelfAttention|MultiHeadSelfAttention|^ViTAttention)$")
 
 
 class TapSession(Protocol):

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .adapters import EncoderAdapter, adapter_for
-from .attention import KDQAT_ATTENTION, active_session, use_kdqat_attention
+from .attention import KDQAT_ATTENTION, active_session, self_attention_modules, use_kdqat_attention
 
 PER_LAYER_TAPS = ("attention_scores", "attention_maps", "contexts", "mha_outputs", "attention_outputs")
 TAP_NAMES = frozenset({"embedding_output", "layer_outputs", *PER_LAYER_TAPS})
@@ -180,8 +180,11 @@ def _install_hooks(recorder: _Recorder, adapter: EncoderAdapter, layers: list[nn
     return handles
 
 
-def _ensure_kdqat_attention(model: nn.Module) -> None:
-    if getattr(model.config, "_attn_implementation", None) != KDQAT_ATTENTION:
+def _ensure_kdqat_attention(model: nn.Module, num_layers: int) -> None:
+    """Route through the kdqat attention and number the layers unless that is already done."""
+    routed = getattr(model.config, "_attn_implementation", None) == KDQAT_ATTENTION
+    numbered = [getattr(m, "kdqat_layer_index", None) for m in self_attention_modules(model)]
+    if not routed or numbered != list(range(num_layers)):
         use_kdqat_attention(model)
 
 
@@ -220,11 +223,15 @@ def forward_with_taps(
     # inside it is what adapters and hooks look at.
     inner = getattr(model, "module", model)
     adapter = adapter_for(inner)
-    _ensure_kdqat_attention(inner)
     layer_modules = adapter.layer_modules(inner)
     num_layers = len(layer_modules)
+    _ensure_kdqat_attention(inner, num_layers)
     interventions = interventions or Interventions()
     _check_interventions(interventions, num_layers)
+    if interventions and inner.training and getattr(inner, "is_gradient_checkpointing", False):
+        # the backward recomputation runs without our hooks and session, i.e. without the intervention
+        raise ValueError("interventions cannot be combined with gradient checkpointing (the recomputed forward "
+                         "would not see the teacher's tensors); disable it for the Teacher-Intervention phases")
     layer_set = None if layers is None else frozenset(int(i) for i in layers)
 
     input_ids = batch["input_ids"]

@@ -5,7 +5,10 @@ Typical use::
     from ds_kdqat.quant import QuantConfig, quantize_model, after_optimizer_step, export_packed
     report = quantize_model(student, QuantConfig())        # TernaryBERT W2-E2-A8, in place
     ...  # each applied optimizer step:  after_optimizer_step(student)   (no-op without LAT groups)
-    export_packed(student, "out/packed")                   # -> SizeReport
+    export_packed(student, "out/packed")                   # -> SizeReport (W-E-A bits, MiB, ratio to fp32)
+    model = load_packed("out/packed", make_fp32_model)     # logits equal the exported student's
+
+LAT's second moment, and what the training loop must do for it, is described in :mod:`ds_kdqat.quant.modules`.
 """
 
 from ds_kdqat.quant.config import (

@@ -188,6 +188,19 @@ def _ternary_alpha(abs_w: torch.Tensor, support: torch.Tensor, dims, weight: Opt
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
+def _twn_core(w: torch.Tensor, granularity: str, clip: Optional[float]):
+    """Clamped ``w``, the support ``|w| > Δ`` (bool) and α (``()`` or ``(rows, 1, …)``)."""
+    _check(granularity, GRANULARITIES, "granularity")
+    w = _clip(w.detach(), clip)
+    dims = _reduce_dims(w, granularity)
+    abs_w = w.abs()
+    support = abs_w > TWN_THRESHOLD_FACTOR * _mean(abs_w, dims)
+    count = _sum(support, dims)
+    total = _sum(abs_w.mul_(support), dims)
+    alpha = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+    return w, support, alpha
+
+
 @torch.no_grad()
 def twn_parts(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional[float] = None) -> QuantParts:
     """Ternary Weight Networks: ``Δ = 0.7·mean|w|``, ``b = sign(w)·[|w| > Δ]``, ``α = mean |w| over b ≠ 0``.
@@ -195,14 +208,16 @@ def twn_parts(w: torch.Tensor, granularity: Granularity = "layer", clip: Optiona
     ``w`` is clamped to ``±clip`` first (when set) and every statistic uses the clamped values. A value equal to
     Δ maps to 0 (the threshold is strict).
     """
-    _check(granularity, GRANULARITIES, "granularity")
-    w = _clip(w.detach(), clip)
-    dims = _reduce_dims(w, granularity)
-    abs_w = w.abs()
-    delta = TWN_THRESHOLD_FACTOR * _mean(abs_w, dims)
-    support = (abs_w > delta).to(w.dtype)
-    alpha = _ternary_alpha(abs_w, support, dims)
+    w, support, alpha = _twn_core(w, granularity, clip)
     return QuantParts("ternary", torch.sign(w) * support, alpha, bits=2)
+
+
+@torch.no_grad()
+def _fake_twn(w: torch.Tensor, granularity: str, clip: Optional[float]) -> torch.Tensor:
+    """``dequantize_parts(twn_parts(...))`` in fewer passes: ``copysign(α, w)·[|w| > Δ]`` equals ``α·b``
+    bit for bit (signed zeros included)."""
+    w, support, alpha = _twn_core(w, granularity, clip)
+    return torch.copysign(alpha, w).mul_(support)
 
 
 @torch.no_grad()
@@ -293,7 +308,7 @@ def uniform_parts(
 
 def twn_ternarize(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional[float] = None) -> torch.Tensor:
     """TWN ternary ``α·sign(w)·[|w| > Δ]``, ``Δ = 0.7·mean|w|`` (see :func:`twn_parts`). Shape of ``w``."""
-    return straight_through(w, dequantize_parts(twn_parts(w, granularity, clip)), clip)
+    return straight_through(w, _fake_twn(w, granularity, clip), clip)
 
 
 def lat_ternarize(

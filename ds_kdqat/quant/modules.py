@@ -36,6 +36,7 @@ from torch import nn
 from ds_kdqat.quant.config import GroupConfig, LatConfig
 from ds_kdqat.quant.functional import (
     QuantParts,
+    _fake_twn,
     _fake_uniform,
     binary_parts,
     dequantize_parts,
@@ -124,6 +125,8 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.frozen:
             return w
+        if self.method == "twn":  # the common case, in fewer passes (same values as dequantize_parts)
+            return straight_through(w, _fake_twn(w, self.granularity, self.clip), self.clip)
         sink = None
         if self.method == "lat" and torch.is_grad_enabled() and w.requires_grad:
             sink = self._accumulator(w)
@@ -180,6 +183,11 @@ class ActQuantizer(nn.Module):
             self.__dict__["_memo"] = (weakref.ref(x), (x._version, torch.is_grad_enabled()), out)
         return out
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_memo", None)  # holds a weakref (not picklable) and a stale activation
+        return state
+
     def describe(self) -> str:
         return f"A{self.bits} {self.mode}" + (f" clip={self.clip:g}" if self.clip is not None else "")
 
@@ -213,6 +221,11 @@ class _QuantWeightMixin:
 
     def clear_quant_cache(self) -> None:
         self.__dict__.pop("_kdqat_qcache", None)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_kdqat_qcache", None)
+        return state
 
 
 class QuantLinear(_QuantWeightMixin, nn.Linear):

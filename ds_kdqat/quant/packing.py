@@ -24,6 +24,12 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2 ** bits}) for {bits}-bit packing")
     flat = _as_uint8(codes)
+    if 8 % bits == 0:  # whole codes per byte (1, 2, 4, 8 bits): shift and OR, no bit planes
+        per = 8 // bits
+        padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
+        padded[: flat.size] = flat
+        fields = padded.reshape(-1, per) << (np.arange(per, dtype=np.uint8) * bits)
+        return torch.from_numpy(np.bitwise_or.reduce(fields, axis=1).astype(np.uint8))
     planes = np.unpackbits(flat[:, None], axis=1, count=bits, bitorder="little")  # (n, bits), low bit first
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
@@ -34,6 +40,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if packed.numel() * 8 < count * bits:
         raise ValueError(f"{packed.numel()} bytes hold fewer than {count} {bits}-bit codes")
+    if 8 % bits == 0:
+        per = 8 // bits
+        fields = _as_uint8(packed)[:, None] >> (np.arange(per, dtype=np.uint8) * bits)
+        return torch.from_numpy(np.ascontiguousarray((fields & (2**bits - 1)).reshape(-1)[:count]).astype(np.uint8))
     planes = np.unpackbits(_as_uint8(packed), count=count * bits, bitorder="little").reshape(count, bits)
     return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little").reshape(-1))
 
