@@ -97,6 +97,9 @@ class KDStep:
         student = forward_with_taps(self.student, batch, record, layers=layers)
         t2 = time.perf_counter()
         loss, _ = self.objective(student, teacher)
+        # the loss graph keeps what its backward needs; dropping the taps frees the rest (e.g. both models'
+        # attention scores) before the backward's peak
+        del student, teacher
         t3 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -180,3 +180,18 @@ def test_resume_after_kill_with_workers(assets, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"{80 - len(done) + 1} chunks run, {len(done) - 1} already done" in res.stdout
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_headerless_layout_cola(assets, tmp_path):
+    """CoLA files have no header: every chunk's first line is data and must survive the merge."""
+    inp = tmp_path / "train.tsv"
+    inp.write_text("".join(f"src{i}\t{i % 2}\t\t{s}\n" for i, s in enumerate(SST_ROWS)))
+    out = tmp_path / "aug.tsv"
+    run_shard(config(assets, inp, out, task="cola", job={"chunk_size": 2}))
+    lines = [ln.split("\t") for ln in out.read_text().splitlines()]
+    m = json.loads(manifest_path(out).read_text())
+    assert len(lines) == m["counts"]["output_rows"] and m["counts"]["chunks"] == 4
+    assert [ln for ln in lines if ln[3] in SST_ROWS] == [[f"src{i}", str(i % 2), "", s] for i, s in enumerate(SST_ROWS)]
+    # every new row keeps its original's source and label columns
+    assert all(ln[1] == str(int(ln[0][3:]) % 2) and ln[2] == "" for ln in lines)
+    assert len(lines) > len(SST_ROWS) + 10

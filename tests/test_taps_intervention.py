@@ -137,7 +137,10 @@ def test_teacher_under_inference_mode(recipe):
 
 def test_interventions_refuse_gradient_checkpointing():
     student = tiny(0).train()
-    student.gradient_checkpointing_enable()
+    if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5 name
+        student.activation_checkpointing_enable()
+    else:
+        student.gradient_checkpointing_enable()
     teacher = teacher_taps({"mha_outputs"})
     with pytest.raises(ValueError, match="gradient checkpointing"):
         forward_with_taps(student, batch(), set(), build_interventions("ti_output", teacher))

@@ -67,6 +67,9 @@ def test_outputs_of_a_complete_run(reference_run):
                  "student_packed", "config.json"):
         assert (out / name).exists(), name
     assert "compression" in result.stdout and "student accuracy" in result.stdout
+    # DeepSpeed's monitor got every term too (csv_monitor here; tensorboard takes the same events)
+    monitor_files = {p.name for p in (out / "monitor").rglob("*.csv")}
+    assert {"kdqat_kd_train_total.csv", "kdqat_kd_dev_accuracy.csv"} <= monitor_files, monitor_files
 
 
 def test_rerun_of_a_finished_run_trains_nothing(reference_run):

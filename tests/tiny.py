@@ -55,6 +55,7 @@ def write_config(path: Path, model_dir: Path, data_dir: Path, output_dir: Path, 
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": 0},
         "steps_per_print": 1000000,
+        "csv_monitor": {"enabled": True, "job_name": "tiny"},
         "kdqat": {
             "output_dir": str(output_dir),
             "seed": 7,

@@ -116,6 +116,15 @@ class DistillObjective:
     ``required_taps``: tap names both forwards must record; ``record_layers``: the layer indices whose
     per-layer taps are needed (pass as ``forward_with_taps(..., layers=objective.record_layers)``);
     ``coefficients``: {term: coefficient · weight}.
+
+    Typical step (the teacher may run under ``torch.no_grad()`` or ``torch.inference_mode()``)::
+
+        with torch.inference_mode():
+            t = forward_with_taps(teacher, batch, objective.required_taps, layers=objective.record_layers)
+        s = forward_with_taps(student, batch, objective.required_taps, layers=objective.record_layers)
+        loss, terms = objective(s, t, batch.get("labels"))
+        del s, t      # the loss graph keeps what backward needs; the taps' other tensors are freed
+        loss.backward()
     """
 
     def __init__(self, coefficients: dict[str, float], layers: tuple[int, ...], include_embedding: bool,

@@ -188,6 +188,13 @@ def _ensure_kdqat_attention(model: nn.Module, num_layers: int) -> None:
         use_kdqat_attention(model)
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated, warns) to is_activation_checkpointing
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 def _check_interventions(interventions: Interventions, num_layers: int) -> None:
     for name in ("attention_maps", "contexts", "mha_outputs"):
         for layer in getattr(interventions, name):
@@ -228,7 +235,7 @@ def forward_with_taps(
     _ensure_kdqat_attention(inner, num_layers)
     interventions = interventions or Interventions()
     _check_interventions(interventions, num_layers)
-    if interventions and inner.training and getattr(inner, "is_gradient_checkpointing", False):
+    if interventions and inner.training and _checkpointing(inner):
         # the backward recomputation runs without our hooks and session, i.e. without the intervention
         raise ValueError("interventions cannot be combined with gradient checkpointing (the recomputed forward "
                          "would not see the teacher's tensors); disable it for the Teacher-Intervention phases")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-from typing import Optional
-
 from .checkpoint import atomic_write_text
 
 FIXED = ["step", "phase", "split"]
@@ -38,7 +36,7 @@ class RunLog:
         ]
         self._flush()
 
-    def write(self, step: int, phase: str, split: str, values: dict[str, float], monitor_step: Optional[int] = None):
+    def write(self, step: int, phase: str, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         row = {"step": step, "phase": phase, "split": split}
@@ -49,8 +47,8 @@ class RunLog:
         self.rows.append(row)
         self._flush()
         if self.monitor is not None and getattr(self.monitor, "enabled", False):
-            events = [(f"{phase}/{split}/{k}", float(v), monitor_step if monitor_step is not None else step)
-                      for k, v in values.items()]
+            prefix = f"{phase.replace(':', '/')}/{split}"
+            events = [(f"{prefix}/{k}", float(v), step) for k, v in values.items()]
             self.monitor.write_events(events)
 
     def _flush(self) -> None:
