@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,6 +125,7 @@ def main() -> int:
     for source, r, b, j, rb, rj in rows:
         print(f"| {source} | {r:.2f} | {b:.2f} | {j:.2f} | {rb:.1f}x | {rj:.1f}x |")
     print("(job time includes starting the workers: imports, model and GloVe loading)")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -237,6 +237,9 @@ class TeacherStudentEngine:
         student_taps = forward_with_taps(self.engine, inputs, record=phase.record, layers=phase.record_layers,
                                          interventions=interventions)
         loss, terms = phase.objective(student_taps, teacher_taps, labels)
+        # The teacher's taps (no graph) and the references to the student's are not needed for backward:
+        # dropping them here frees the teacher's tensors before the backward pass peaks.
+        del student_taps, teacher_taps, interventions
         self.engine.backward(loss)
         self.engine.step()
         return {name: float(value) for name, value in terms.items()}
