@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ds_kdqat.data.files import atomic_write_text, sha256_file
+from ds_kdqat.fileio import atomic_write_text, sha256_file
 from ds_kdqat.data.glue_format import Example, ReadReport, read_task_file, write_task_file
 from ds_kdqat.data.tasks import TaskSpec, get_task
 from ds_kdqat.errors import ConfigError, DataError

@@ -23,7 +23,7 @@ from torch import nn
 
 from ds_kdqat.errors import ConfigError, DataError
 
-from ds_kdqat.data.files import atomic_write_text
+from ds_kdqat.fileio import atomic_write_text
 
 HEAD_FORMAT = "ds-kdqat-mlm-head"
 HEAD_FORMAT_VERSION = 1

@@ -37,7 +37,7 @@ from .data.encode import encode
 from .data.tasks import TaskSpec, get_task
 from .engine import Phase, SupervisedObjective, TeacherStudentEngine, kd_phases, total_steps
 from .quant import export_packed, lat_state, load_lat_state, quantize_model
-from .training.checkpoint import atomic_write_json
+from .fileio import atomic_write_json
 from .training.distributed import DistInfo, init_distributed
 from .training.logger import RunLog
 

@@ -72,7 +72,7 @@ def test_counts_order_and_manifest(assets, tmp_path):
     assert m["counts"]["examples"] == 7 and m["counts"]["output_rows"] == len(examples)
     assert m["counts"]["new_rows"] == len(examples) - 7 and m["counts"]["new_rows"] > 10
     assert m["per_shard"] == {"0": {"chunks": 3, "examples": 7, "rows": len(examples)}}
-    from ds_kdqat.data.files import sha256_file
+    from ds_kdqat.fileio import sha256_file
 
     assert m["parameters"]["input_sha256"] == sha256_file(inp) and m["output_sha256"] == sha256_file(out)
     assert m["parameters"]["num_new"] == 6 and m["seed"] == 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ds_kdqat.data.files import PathLike, atomic_write_text, sha256_file
+from ds_kdqat.fileio import PathLike, atomic_write_text, sha256_file
 from ds_kdqat.data.glue_format import write_task_file
 from ds_kdqat.data.tasks import get_task
 from ds_kdqat.errors import DataError

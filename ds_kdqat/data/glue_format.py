@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Optional, Sequence, Union
 
-from ds_kdqat.data.files import PathLike, atomic_write_text
+from ds_kdqat.fileio import PathLike, atomic_write_text
 from ds_kdqat.data.tasks import TaskSpec
 from ds_kdqat.errors import DataError
 

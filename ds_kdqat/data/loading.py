@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from ds_kdqat.data.config import DataConfig
 from ds_kdqat.data.embedded import materialize_rt_polarity, project_data_cache
-from ds_kdqat.data.files import PathLike
+from ds_kdqat.fileio import PathLike
 from ds_kdqat.data.glue_format import BadRow, Example, read_task_file
 from ds_kdqat.data.tasks import TaskSpec, get_task
 from ds_kdqat.errors import DataError

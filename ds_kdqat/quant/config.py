@@ -218,44 +218,8 @@ class ResolvedQuant:
     lat: LatConfig
 
 
-# --------------------------------------------------------------------------------------------------------------
-# dict -> dataclass (the manifest of a packed export stores the config as JSON; the lead's generic loader does
-# the same for the whole "kdqat" section)
-
-
-def _from_value(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _from_value(args[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        return dataclass_from_dict(tp, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(path, f"got {value!r}, expected a list")
-        (item,) = typing.get_args(tp)
-        return [_from_value(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    return value  # scalars and Literals: checked by validate()
-
-
-def dataclass_from_dict(cls: type, data: Any, path: str = DEFAULT_PATH) -> Any:
-    """Build dataclass ``cls`` from a JSON-style dict; unknown keys are errors naming their path."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(path, f"got {data!r}, expected an object")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{path}.{key}", f"unknown key; expected one of {sorted(names)}")
-    return cls(**{k: _from_value(hints[k], v, f"{path}.{k}") for k, v in data.items()})
-
-
 def quant_config_from_dict(data: Any, path: str = DEFAULT_PATH) -> QuantConfig:
-    """Parse and validate a ``kdqat.quant`` dict."""
-    config = dataclass_from_dict(QuantConfig, {} if data is None else data, path)
-    config.validate(path)
-    return config
+    """Parse and validate a ``kdqat.quant`` dict (also what a packed export's manifest stores)."""
+    from ds_kdqat.configtools import from_dict
+
+    return from_dict(QuantConfig, {} if data is None else data, path)

@@ -24,24 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..fileio import atomic_write_json, atomic_write_text
+
 LATEST = "latest"
 
 
 def _tag(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def rng_state() -> dict:

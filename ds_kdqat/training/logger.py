@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from .checkpoint import atomic_write_text
+from ..fileio import atomic_write_text
 
 FIXED = ["step", "phase", "split"]
 
@@ -56,5 +56,4 @@ class RunLog:
         writer = csv.DictWriter(buffer, fieldnames=self.columns, restval="")
         writer.writeheader()
         writer.writerows(self.rows)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         atomic_write_text(self.path, buffer.getvalue())

@@ -1,8 +1,9 @@
-"""Atomic file writes and hashing for the data layer."""
+"""Atomic file writes and hashing: the one implementation every module that writes files uses."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
     The bytes go to a temporary file in the same directory (same file system), are flushed to disk, and
@@ -31,11 +32,17 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
+def atomic_write_text(path: PathLike, text: str) -> Path:
     """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8 (newlines written as given)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, data) -> Path:
+    """:func:`atomic_write_text` of ``data`` as indented, key-sorted JSON with a final newline."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(path: PathLike) -> str:
