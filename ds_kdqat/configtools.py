@@ -57,16 +57,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             if _NONE_TYPE in options:
                 return None
             raise ConfigError(path, f"must not be null; expected {_type_name(tp)}")
-        errors = []
-        for option in options:
-            if option is _NONE_TYPE:
-                continue
+        candidates = [option for option in options if option is not _NONE_TYPE]
+        if len(candidates) == 1:  # Optional[X]: X's own error, with its own (deeper) key path
+            return _convert(value, candidates[0], path)
+        for option in candidates:
             try:
                 return _convert(value, option, path)
-            except ConfigError as error:
-                errors.append(error.message)
-        if len(errors) == 1:
-            raise ConfigError(path, errors[0])
+            except ConfigError:
+                continue
         raise ConfigError(path, f"got {json.dumps(value)}; expected {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
