@@ -20,7 +20,7 @@ from torch import nn
 
 from ds_kdqat.errors import ConfigError
 
-from .mlm_head import MLMHead, load_head
+from .mlm_head import load_head
 
 _BRACKETED = re.compile(r"^\[[^\]]*\]$")
 

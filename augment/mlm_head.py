@@ -15,7 +15,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

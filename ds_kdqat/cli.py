@@ -21,7 +21,8 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_run_config(args) -> "RunConfig":  # noqa: F821
+def load_run_config(args):
+    """The validated :class:`~ds_kdqat.config.RunConfig` of parsed arguments (ConfigError if bad)."""
     from .config import load_config
 
     overrides = list(args.overrides)

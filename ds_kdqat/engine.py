@@ -16,7 +16,6 @@ stopped (see :mod:`ds_kdqat.training.order` and :mod:`ds_kdqat.training.checkpoi
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from augment.config import AugmentConfig, GloveConfig, JobConfig, MLMConfig, default_num_new
-from augment.glove import GloveNeighbours, GloveVectors, load_glove, load_packaged, load_text, unit_rows
+from augment.glove import GloveNeighbours, load_glove, load_packaged, load_text, unit_rows
 from augment.mlm import build_query
 from augment.mlm_head import mask_tokens
 from augment.sampling import draw_sentences, example_rng

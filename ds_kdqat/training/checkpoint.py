@@ -18,7 +18,7 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
