@@ -1,0 +1,40 @@
+"""Small pieces of the job: when the teacher is fine-tuned first, and the atomic replacement of folders."""
+
+import json
+
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from ds_kdqat.data.tasks import get_task
+from ds_kdqat.pipeline import needs_finetuning, replace_dir, saved_dir
+
+
+def _save(model_cls, folder, **config):
+    model_cls(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, **config)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_auto_fine_tunes_unless_the_checkpoint_has_the_tasks_head(tmp_path):
+    sst2, stsb, mnli = get_task("sst2"), get_task("stsb"), get_task("mnli")
+    encoder = _save(BertModel, tmp_path / "encoder")
+    binary_head = _save(BertForSequenceClassification, tmp_path / "binary", num_labels=2)
+    assert needs_finetuning(encoder, sst2, "auto", True)
+    assert not needs_finetuning(binary_head, sst2, "auto", True)
+    assert needs_finetuning(binary_head, mnli, "auto", True)  # three classes: a new head is needed
+    assert needs_finetuning(binary_head, stsb, "auto", True)  # regression: one output
+    assert needs_finetuning(binary_head, sst2, "always", True)
+    assert not needs_finetuning(encoder, sst2, "never", True)
+
+
+def test_replace_dir_keeps_one_complete_copy(tmp_path):
+    target = tmp_path / "student"
+    for version in (1, 2):
+        new = tmp_path / f"student.tmp{version}"
+        new.mkdir()
+        (new / "v.json").write_text(json.dumps(version))
+        replace_dir(str(new), str(target))
+        assert json.loads((target / "v.json").read_text()) == version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+    # a kill between the two renames leaves only the .old copy: it is what saved_dir hands out
+    (tmp_path / "student").rename(tmp_path / "student.old")
+    assert saved_dir(str(target)) == str(target) + ".old"
