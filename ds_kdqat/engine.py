@@ -149,7 +149,8 @@ def kd_phases(config, base_steps: int, num_layers: int, task_type: str) -> tuple
         names, layers = teacher_record(objective.required_taps, objective.record_layers, span.phase, intervene)
         build = None
         if span.phase != "kd":
-            build = (lambda phase: lambda taps: build_interventions(phase, taps, intervene))(span.phase)
+            def build(taps, phase=span.phase):
+                return build_interventions(phase, taps, intervene)
         phases.append(Phase(span.phase, span.start, span.end, objective, record=objective.required_taps,
                             record_layers=objective.record_layers, teacher_record=names, teacher_layers=layers,
                             interventions=build))

@@ -38,3 +38,24 @@ def test_replace_dir_keeps_one_complete_copy(tmp_path):
     # a kill between the two renames leaves only the .old copy: it is what saved_dir hands out
     (tmp_path / "student").rename(tmp_path / "student.old")
     assert saved_dir(str(target)) == str(target) + ".old"
+
+
+def test_kd_phases_of_teacher_intervention():
+    import torch
+
+    from ds_kdqat.distill.config import DistillConfig
+    from ds_kdqat.engine import kd_phases
+    from ds_kdqat.models.taps import EncoderTaps
+
+    phases, segments = kd_phases(DistillConfig(recipe="ti_gradual"), base_steps=12, num_layers=2,
+                                 task_type="classification")
+    # TI step = 1/3 of 12 steps, half TI-O then TI-M; then KD-QAT; the LR schedule restarts at KD
+    assert [(p.name, p.start, p.end) for p in phases] == [("ti_output", 0, 2), ("ti_map", 2, 4), ("kd", 4, 12)]
+    assert segments == [(0, 4), (4, 12)]
+    assert "mha_outputs" in phases[0].teacher_record and "attention_maps" in phases[1].teacher_record
+    maps = [torch.rand(1, 2, 3, 3), torch.rand(1, 2, 3, 3)]
+    interventions = phases[1].interventions(EncoderTaps(attention_maps=maps))
+    assert sorted(interventions.attention_maps) == [0, 1] and not interventions.mha_outputs
+    assert phases[2].interventions is None
+    plain, no_segments = kd_phases(DistillConfig(recipe="map"), 12, 2, "classification")
+    assert [(p.name, p.start, p.end) for p in plain] == [("kd", 0, 12)] and no_segments is None
