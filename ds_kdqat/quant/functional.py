@@ -89,6 +89,13 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
 
 
+def _check_uniform_args(bits: int, mode: str, granularity: str) -> None:
+    _check(mode, UNIFORM_MODES, "mode")
+    _check(granularity, UNIFORM_GRANULARITIES, "granularity")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+
+
 def _clip(w: torch.Tensor, clip: Optional[float]) -> torch.Tensor:
     if clip is None:
         return w
@@ -285,10 +292,7 @@ def uniform_parts(
     Statistics are taken after clamping to ``±clip`` (when set). A zero range (constant input) or a zero
     maximum gives the input back.
     """
-    _check(mode, UNIFORM_MODES, "mode")
-    _check(granularity, UNIFORM_GRANULARITIES, "granularity")
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+    _check_uniform_args(bits, mode, granularity)
     x = _clip(x.detach(), clip)
     dims = _reduce_dims(x, granularity)
     info = torch.finfo(x.dtype)
@@ -333,10 +337,7 @@ def binarize(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional
 def _fake_uniform(x: torch.Tensor, bits: int, mode: str, granularity: str, clip: Optional[float]) -> torch.Tensor:
     """``dequantize_parts(uniform_parts(...))`` with the same arithmetic done in place on one fresh buffer
     (activations are quantized every forward: fewer large allocations and passes than building the codes)."""
-    _check(mode, UNIFORM_MODES, "mode")
-    _check(granularity, UNIFORM_GRANULARITIES, "granularity")
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+    _check_uniform_args(bits, mode, granularity)
     x = _clip(x.detach(), clip)
     dims = _reduce_dims(x, granularity)
     info = torch.finfo(x.dtype)
