@@ -113,28 +113,26 @@ def _reduce_dims(x: torch.Tensor, granularity: str) -> Optional[tuple[int, ...]]
     return tuple(range(1, x.dim()))
 
 
-def _sum(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> torch.Tensor:
+def _reduce(op: str, x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> torch.Tensor:
+    """``x.<op>`` (sum, mean, amax) over the whole tensor (``dims`` None) or per row, kept broadcastable;
+    with 1-D rows (``dims`` empty) every element is its own row and ``x`` comes back as is."""
     if dims is None:
-        return x.sum()
-    if not dims:  # 1-D rows: every element is its own row
+        return getattr(x, op)()
+    if not dims:
         return x
-    return x.sum(dim=dims, keepdim=True)
+    return getattr(x, op)(dim=dims, keepdim=True)
+
+
+def _sum(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> torch.Tensor:
+    return _reduce("sum", x, dims)
 
 
 def _mean(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> torch.Tensor:
-    if dims is None:
-        return x.mean()
-    if not dims:
-        return x
-    return x.mean(dim=dims, keepdim=True)
+    return _reduce("mean", x, dims)
 
 
 def _amax(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> torch.Tensor:
-    if dims is None:
-        return x.amax()
-    if not dims:
-        return x
-    return x.amax(dim=dims, keepdim=True)
+    return _reduce("amax", x, dims)
 
 
 def _aminmax(x: torch.Tensor, dims: Optional[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
