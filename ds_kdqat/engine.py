@@ -38,9 +38,7 @@ from .training.order import epoch_micro_batches, micro_batches_per_epoch
 
 
 class Objective(Protocol):
-    """What a stage minimises. ``required_taps``: the tap names both forwards must record."""
-
-    required_taps: frozenset
+    """What a stage minimises; the taps each forward records are the :class:`Phase`'s business."""
 
     def __call__(self, student: EncoderTaps, teacher: Optional[EncoderTaps], labels: torch.Tensor):
         """Return ``(loss, terms)``: the scalar to minimise and each logged term (detached)."""
@@ -70,8 +68,6 @@ class Phase:
 
 class SupervisedObjective:
     """Cross-entropy (classification) or MSE (regression) against the gold labels; used to fine-tune."""
-
-    required_taps = frozenset()
 
     def __init__(self, regression: bool):
         self.regression = regression
@@ -147,13 +143,13 @@ def kd_phases(config, base_steps: int, num_layers: int, task_type: str) -> tuple
     phases = []
     for span in plan.phases:
         names, layers = teacher_record(objective.required_taps, objective.record_layers, span.phase, intervene)
-        build = None
-        if span.phase != "kd":
-            def build(taps, phase=span.phase):
-                return build_interventions(phase, taps, intervene)
+
+        def build(taps, phase=span.phase):
+            return build_interventions(phase, taps, intervene)
+
         phases.append(Phase(span.phase, span.start, span.end, objective, record=objective.required_taps,
                             record_layers=objective.record_layers, teacher_record=names, teacher_layers=layers,
-                            interventions=build))
+                            interventions=build if span.phase != "kd" else None))
     kd_start = next((p.start for p in phases if p.name == "kd"), plan.total_steps)
     segments = [(0, kd_start), (kd_start, plan.total_steps)] if 0 < kd_start < plan.total_steps else None
     return phases, segments
@@ -169,7 +165,6 @@ def _model_inputs(batch: dict) -> dict:
 
 @dataclass
 class StageResult:
-    best_metric: Optional[float]
     best_metrics: dict = field(default_factory=dict)
     last_metrics: dict = field(default_factory=dict)
     steps: int = 0
@@ -184,7 +179,7 @@ class TeacherStudentEngine:
         import deepspeed
 
         self.run, self.dist, self.spec, self.log, self.stage = run, dist_info, spec, log, stage
-        self.schedule, self.steps = schedule, steps
+        self.steps = steps
         groups = parameter_groups(student, schedule.weight_decay)
         optimizer = build_optimizer(schedule.optimizer, groups, schedule.learning_rate, schedule.adam_betas,
                                     schedule.adam_eps)
@@ -374,5 +369,5 @@ class TeacherStudentEngine:
                         break
         if progress is not None:
             progress.close()
-        return StageResult(best_metric=state["best"], best_metrics=state["best_metrics"],
+        return StageResult(best_metrics=state["best_metrics"],
                            last_metrics=state["last_metrics"], steps=step)

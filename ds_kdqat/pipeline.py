@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import random
 import shutil
@@ -31,19 +30,17 @@ import torch
 import torch.distributed as dist
 
 from .config import EMBEDDED_MODEL, RunConfig
-from .configtools import to_dict
 from .data.loading import load_split
 from .data.encode import encode
 from .data.tasks import TaskSpec, get_task
 from .engine import Phase, SupervisedObjective, TeacherStudentEngine, kd_phases, total_steps
-from .quant import export_packed, lat_state, load_lat_state, quantize_model
+from .quant import QuantConfig, export_packed, quantize_model
+from .quant.student_files import quantize_saved_student, write_student_files
 from .fileio import atomic_write_json
 from .training.distributed import DistInfo, init_distributed
 from .training.logger import RunLog
 
 TEACHER_DONE = "done.json"
-QUANT_CONFIG_FILE = "kdqat_quant.json"
-LAT_STATE_FILE = "kdqat_lat.safetensors"
 
 
 def set_seed(seed: int) -> None:
@@ -124,12 +121,11 @@ def saved_dir(folder: str) -> str:
     return folder if os.path.isdir(folder) or not os.path.isdir(folder + ".old") else folder + ".old"
 
 
-def save_hf(model, tokenizer, folder: str, info: DistInfo, extra: Optional[dict] = None) -> None:
-    """Save ``model`` (possibly a ZeRO-3 partitioned engine module) in HF format on rank 0, atomically,
-    with ``extra`` JSON files and, for LAT students, the second moments (``kdqat_lat.safetensors``) that
-    the ternary weights depend on. Collective."""
+def save_hf(model, tokenizer, folder: str, info: DistInfo, quant_config: Optional[QuantConfig] = None) -> None:
+    """Save ``model`` (possibly a ZeRO-3 partitioned engine module) in HF format on rank 0, atomically;
+    a student (``quant_config`` given) also gets the files that rebuild it quantized
+    (:mod:`ds_kdqat.quant.student_files`). Collective."""
     from deepspeed import zero
-    from safetensors.torch import save_file
 
     module = getattr(model, "module", model)
     params = list(module.parameters())
@@ -142,11 +138,8 @@ def save_hf(model, tokenizer, folder: str, info: DistInfo, extra: Optional[dict]
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            for name, content in (extra or {}).items():
-                atomic_write_json(os.path.join(tmp, name), content)
-            moments = lat_state(module)
-            if moments:
-                save_file({k: v.contiguous() for k, v in moments.items()}, os.path.join(tmp, LAT_STATE_FILE))
+            if quant_config is not None:
+                write_student_files(module, tmp, quant_config)
             replace_dir(tmp, folder)
     _barrier()
 
@@ -250,27 +243,16 @@ def train_student(ctx: JobContext, teacher_path: str):
                                   "kdqat", segments)
     ctx.log.monitor = engine.engine.monitor
     student_dir = os.path.join(ctx.out, "student")
-    quant_json = {QUANT_CONFIG_FILE: to_dict(cfg.quant)}
     result = engine.train(
         ctx.data.train, ctx.data.dev[ctx.dev_name], phases, os.path.join(ctx.out, "checkpoints", "kdqat"),
-        on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, student_dir, info, extra=quant_json))
+        on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, student_dir, info, quant_config=cfg.quant))
     return engine, result
 
 
 def load_student(folder: str, spec: TaskSpec):
     """A saved student (latent weights + ``kdqat_quant.json``) as a quantized model, ready to evaluate."""
-    from .configtools import from_dict
-    from .quant import QuantConfig
-
-    from safetensors.torch import load_file
-
     folder = saved_dir(folder)
-    model = load_classifier(folder, spec, True)
-    with open(os.path.join(folder, QUANT_CONFIG_FILE), encoding="utf-8") as handle:
-        quantize_model(model, from_dict(QuantConfig, json.load(handle), QUANT_CONFIG_FILE))
-    if os.path.exists(os.path.join(folder, LAT_STATE_FILE)):
-        load_lat_state(model, load_file(os.path.join(folder, LAT_STATE_FILE)))
-    return model
+    return quantize_saved_student(load_classifier(folder, spec, True), folder)
 
 
 def run_finetune(run: RunConfig) -> str:

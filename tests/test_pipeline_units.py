@@ -59,3 +59,28 @@ def test_kd_phases_of_teacher_intervention():
     assert phases[2].interventions is None
     plain, no_segments = kd_phases(DistillConfig(recipe="map"), 12, 2, "classification")
     assert [(p.name, p.start, p.end) for p in plain] == [("kd", 0, 12)] and no_segments is None
+
+
+def test_saved_lat_student_is_rebuilt_with_its_second_moments(tmp_path):
+    import torch
+
+    from ds_kdqat.quant import QuantConfig, after_optimizer_step, lat_state, quantize_model
+    from ds_kdqat.quant.student_files import quantize_saved_student, write_student_files
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=16))
+    config = QuantConfig(preset="ternarybert_lat")
+    quantize_model(model, config)
+    ids = torch.tensor([[2, 5, 7, 3]])
+    model(input_ids=ids).logits.sum().backward()
+    after_optimizer_step(model)
+    assert lat_state(model)  # the LAT quantizers now weight their error by a second moment
+    model.save_pretrained(tmp_path)
+    write_student_files(model, str(tmp_path), config)
+
+    reloaded = quantize_saved_student(BertForSequenceClassification.from_pretrained(tmp_path), str(tmp_path))
+    for key, value in lat_state(model).items():
+        torch.testing.assert_close(lat_state(reloaded)[key], value)
+    model.eval(), reloaded.eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
-
-QUANT_CONFIG_FILE = "kdqat_quant.json"
+from ..quant.student_files import QUANT_CONFIG_FILE, quantize_saved_student
 
 
 def load_quant_config(path: str | Path):
@@ -63,8 +62,7 @@ def load_models(teacher_dir: str | Path, student_dir: Optional[str | Path] = Non
         quantize_model(quantized, quant_config)
         models["quantized"] = quantized.eval()
     if student_dir is not None:
-        student = load_classifier(student_dir)
-        quantize_model(student, quant_config)
+        student = quantize_saved_student(load_classifier(student_dir), str(student_dir), quant_config)
         models["student"] = student.eval()
     return models
 
