@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, OutputFolderError
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -17,6 +17,13 @@ def config_parser(description: str) -> argparse.ArgumentParser:
                         help="override a config key, e.g. --set kdqat.distill.recipe=map (repeatable; "
                              "the value is JSON when it parses, else a string)")
     parser.add_argument("--output_dir", help="shorthand for --set kdqat.output_dir=DIR")
+    changed = parser.add_mutually_exclusive_group()
+    changed.add_argument("--overwrite", action="store_true",
+                         help="when the output folder holds a run with another config: move that run aside to "
+                              "<output_dir>.replaced-<time> and start afresh")
+    changed.add_argument("--resume-anyway", "--resume_anyway", dest="resume_anyway", action="store_true",
+                         help="when the output folder holds a run with another config: go on from its "
+                              "checkpoints with the new config (the change is recorded in the folder's marker)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser
 
@@ -32,7 +39,10 @@ def load_run_config(args):
 
 
 def report_input_error(error: Exception) -> int:
-    kind = "config error" if isinstance(error, ConfigError) else "data error"
+    if isinstance(error, OutputFolderError):
+        kind = "output folder error"
+    else:
+        kind = "config error" if isinstance(error, ConfigError) else "data error"
     if isinstance(error, FileNotFoundError) and error.filename:
         error = f"{error.filename}: {error.strerror}"
     print(f"ds-kdqat {kind}: {error}", file=sys.stderr)
@@ -46,7 +56,7 @@ def _main(argv: Optional[list[str]], description: str, job) -> int:
     except ConfigError as error:
         return report_input_error(error)
     try:
-        job(run)
+        job(run, args.overwrite, args.resume_anyway)
     except (ConfigError, DataError, FileNotFoundError) as error:
         return report_input_error(error)
     return 0
@@ -61,4 +71,5 @@ def main_train(argv: Optional[list[str]] = None) -> int:
 def main_finetune(argv: Optional[list[str]] = None) -> int:
     from .pipeline import run_finetune
 
-    return _main(argv, "Fine-tune the full-precision teacher (ds-kdqat stage 1)", lambda run: print(run_finetune(run)))
+    return _main(argv, "Fine-tune the full-precision teacher (ds-kdqat stage 1)",
+                 lambda *args: print(run_finetune(*args)))

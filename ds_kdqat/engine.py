@@ -306,8 +306,8 @@ class TeacherStudentEngine:
         state = state or {"micro": 0, "best": None, "best_metrics": {}, "last_metrics": {}}
         if tensors:
             load_lat_state(self.engine.module, tensors)
-        if state["micro"]:
-            self.log.truncate((self.stage,), state["micro"] // accumulation)
+        # Rows of this stage past the restored step (all of them on a fresh start) are logged again.
+        self.log.truncate((self.stage,), state["micro"] // accumulation)
         micro_done = state["micro"]
         step = micro_done // accumulation
         total_micro = self.steps * accumulation

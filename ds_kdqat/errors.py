@@ -21,3 +21,8 @@ class DataError(ValueError):
         self.source = source
         self.message = message
         super().__init__(f"{source}: {message}")
+
+
+class OutputFolderError(ConfigError):
+    """The output folder cannot be used as asked: it holds files ds-kdqat did not write, another job holds
+    it, or it holds a run with another config. Nothing in the folder was changed."""

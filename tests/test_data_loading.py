@@ -95,8 +95,28 @@ def test_embedded_task_is_materialised_under_the_cache(tmp_path, monkeypatch):
     dev = load_split(config, "dev", cache_dir=tmp_path / "cache")
     assert (len(train), len(dev)) == (16, 4)
     assert (tmp_path / "cache" / "rt_polarity-seed5-dev0.2" / "manifest.json").is_file()
-    config.data_dir = str(tmp_path / "mine")
-    assert len(load_split(config, "dev")) == 4 and (tmp_path / "mine" / "dev.tsv").is_file()
+
+
+def test_a_users_data_dir_is_read_and_never_written(tmp_path, monkeypatch):
+    """rt_polarity with a data_dir reads the user's own split; nothing of theirs is rewritten."""
+    rows = [f'"{lab}","sentence {lab} {i}"\r\n' for lab in ("1", "-1") for i in range(10)]
+    csv_path = tmp_path / "rt.csv"
+    csv_path.write_text("\ufeff" + "".join(rows), encoding="utf-8")
+    monkeypatch.setenv(embedded.ENV_VAR, str(csv_path))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\ndull plot\t0\n")
+    (mine / "dev.tsv").write_text("sentence\tlabel\nfine cast\t1\n")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    config = DataConfig(data_dir=str(mine))
+    assert [e.text_a for e in load_split(config, "train")] == ["good film", "bad film", "dull plot"]
+    assert [e.label for e in load_split(config, "dev")] == ["1"]
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="empty/train.tsv: no such file"):
+        load_split(DataConfig(data_dir=str(empty)), "train")
+    assert list(empty.iterdir()) == []
 
 
 class FakeHub:

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from ds_kdqat.data.tasks import get_task
-from ds_kdqat.pipeline import needs_finetuning, replace_dir, saved_dir
+from ds_kdqat.pipeline import needs_finetuning, replace_dir, saved_dir, temp_dir
 
 
 def _save(model_cls, folder, **config):
@@ -35,9 +36,28 @@ def test_replace_dir_keeps_one_complete_copy(tmp_path):
         replace_dir(str(new), str(target))
         assert json.loads((target / "v.json").read_text()) == version
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
-    # a kill between the two renames leaves only the .old copy: it is what saved_dir hands out
-    (tmp_path / "student").rename(tmp_path / "student.old")
-    assert saved_dir(str(target)) == str(target) + ".old"
+    # a kill between the two renames leaves only the moved-aside copy: it is what saved_dir hands out
+    (tmp_path / "student").rename(tmp_path / ".student.kdqat-old")
+    assert saved_dir(str(target)) == str(tmp_path / ".student.kdqat-old")
+
+
+def test_replace_dir_carries_a_users_file_over_and_spares_their_old_folders(tmp_path):
+    target = tmp_path / "student"
+    target.mkdir()
+    (target / "v.json").write_text("1")
+    (target / "NOTES.md").write_bytes(b"my notes\n")
+    users_old = tmp_path / "student.old"  # a name ds-kdqat never uses for its own leftovers
+    users_old.mkdir()
+    (users_old / "keep.txt").write_text("mine")
+    new = tmp_path / temp_dir(str(target)).split("/")[-1]
+    new.mkdir()
+    (new / "v.json").write_text("2")
+    with pytest.warns(UserWarning, match="kept NOTES.md"):
+        replace_dir(str(new), str(target))
+    assert (target / "v.json").read_text() == "2"
+    assert (target / "NOTES.md").read_bytes() == b"my notes\n"
+    assert (users_old / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student", "student.old"]
 
 
 def test_kd_phases_of_teacher_intervention():

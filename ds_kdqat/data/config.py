@@ -24,8 +24,9 @@ class DataConfig:
             task's hub id (needs internet or a populated HF cache).
         data_dir: local GLUE-format folder of the task (``train.tsv``, ``dev.tsv`` / MNLI's
             ``dev_matched.tsv`` and ``dev_mismatched.tsv``). Required for a GLUE task with source
-            ``"local"``. For ``rt_polarity`` it is where the split is materialised; when unset, a folder
-            ``rt_polarity`` under the cache directory handed to :func:`ds_kdqat.data.loading.load_split`.
+            ``"local"``. For ``rt_polarity`` it is optional: when set, the task's ``train.tsv``/``dev.tsv`` are
+            read from it (never written); when unset, the built-in split is materialised under the cache
+            directory handed to :func:`ds_kdqat.data.loading.load_split`. A data folder is only ever read.
         train_file: a train file in the task's tsv layout (an augmented train set) used instead of the
             task's train split, whatever the source.
         max_seq_length: tokens per example after truncation, special tokens included.

@@ -18,23 +18,22 @@ logger = logging.getLogger(__name__)
 
 
 def task_dir(config: DataConfig, cache_dir: Optional[PathLike] = None) -> Path:
-    """The local folder holding the task's tsv files (source ``"local"``).
+    """The local folder holding the task's tsv files (source ``"local"``). Nothing is ever written into a
+    ``data_dir`` the user names: it is read as it is.
 
-    For the embedded task the split is materialised there first (a no-op when already done): in
-    ``config.data_dir`` when set, else in ``<cache_dir>/rt_polarity-seed<S>-dev<F>`` so that runs with
-    other split settings do not overwrite each other. ``cache_dir`` defaults to ``<repo>/.cache/data``.
+    For the embedded task without a ``data_dir``, the split is materialised first (a no-op when already
+    done) in ``<cache_dir>/rt_polarity-seed<S>-dev<F>``, so that runs with other split settings do not
+    overwrite each other. ``cache_dir`` defaults to ``<repo>/.cache/data``. With a ``data_dir``, the
+    embedded task reads the user's own ``train.tsv``/``dev.tsv`` (SST-2 layout) from it.
     """
     spec = get_task(config.task)
+    if config.data_dir is not None:
+        return Path(config.data_dir)
     if spec.embedded:
-        if config.data_dir is not None:
-            out = Path(config.data_dir)
-        else:
-            cache = Path(cache_dir) if cache_dir is not None else project_data_cache()
-            out = cache / f"{spec.name}-seed{config.split_seed}-dev{config.dev_fraction:g}"
+        cache = Path(cache_dir) if cache_dir is not None else project_data_cache()
+        out = cache / f"{spec.name}-seed{config.split_seed}-dev{config.dev_fraction:g}"
         return materialize_rt_polarity(out, dev_fraction=config.dev_fraction, seed=config.split_seed)
-    if config.data_dir is None:
-        raise DataError(spec.name, "no data_dir given for a local GLUE-format task")
-    return Path(config.data_dir)
+    raise DataError(spec.name, "no data_dir given for a local GLUE-format task")
 
 
 def load_split(config: DataConfig, split: str, cache_dir: Optional[PathLike] = None) -> list[Example]:

@@ -11,9 +11,28 @@ from __future__ import annotations
 import csv
 import io
 import os
+from ..errors import DataError
 from ..fileio import atomic_write_text
 
 FIXED = ["step", "phase", "split"]
+
+
+def _read(path: str) -> tuple[list[str], list[dict]]:
+    """Columns and rows of an existing log; a file that is not a ds-kdqat log is a :class:`DataError`."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(path, f"not a ds-kdqat run log ({error}); it is left as it is") from None
+    if columns[:len(FIXED)] != FIXED:
+        raise DataError(path, f"not a ds-kdqat run log: its header starts {columns[:3]}, expected {FIXED}; "
+                        "it is left as it is")
+    for number, row in enumerate(rows, start=2):
+        if not str(row.get("step", "")).isdigit() or None in row:
+            raise DataError(f"{path}:{number}", "not a row of a ds-kdqat run log; the file is left as it is")
+    return columns, rows
 
 
 class RunLog:
@@ -22,10 +41,7 @@ class RunLog:
         self.rows: list[dict] = []
         self.columns: list[str] = list(FIXED)
         if enabled and os.path.exists(path):
-            with open(path, newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                self.columns = list(reader.fieldnames or FIXED)
-                self.rows = [{k: v for k, v in row.items() if v != ""} for row in reader]
+            self.columns, self.rows = _read(path)
 
     def truncate(self, phase_prefixes: tuple[str, ...], after_step: int) -> None:
         """Drop rows of the given phases logged after ``after_step`` (they will be logged again)."""
