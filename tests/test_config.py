@@ -45,6 +45,8 @@ def test_every_shipped_config_loads():
     ({"data": {"task": "glue"}}, "kdqat.data.task", "rt_polarity"),
     ({"quant": {"preset": "ternary"}}, "kdqat.quant.preset", "ternarybert_reference"),
     ({"logging": {"save_every": 0}}, "kdqat.logging.save_every", "positive"),
+    ({"train": {"learning_rate": float("nan")}}, "kdqat.train.learning_rate", "expected a finite number"),
+    ({"seed": -1}, "kdqat.seed", "expected an integer in [0, 4294967295]"),
     ({"model": {"teacher_finetune": "yes"}}, "kdqat.model.teacher_finetune", '"auto", "always", "never"'),
 ])
 def test_bad_values_name_their_key_path(kdqat, path, fragment):
@@ -58,6 +60,9 @@ def test_bad_values_name_their_key_path(kdqat, path, fragment):
     ({**BASE, "train_batch_size": 8}, "train_batch_size"),
     ({**BASE, "zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
     ({**BASE, "compression_training": {}}, "compression_training"),
+    ({**BASE, "zero_optimisation": {"stage": 2}}, "zero_optimisation"),
+    ({**BASE, "zero_optimization": {"stage": 2, "overlap_com": True}}, "zero_optimization.overlap_com"),
+    ({**BASE, "gradient_clipping": -1}, "gradient_clipping"),
     ({**BASE, "optimizer": {"type": "AdamW"}}, "optimizer"),
     ({**BASE, "fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16.enabled"),
     ({**BASE, "zero_optimization": {"stage": 2}, "kdqat": {"train": {"optimizer": "adafactor"}}},

@@ -15,10 +15,21 @@ from torch.utils.data import Dataset
 
 from ds_kdqat.data.glue_format import Example
 from ds_kdqat.data.tasks import TaskSpec
-from ds_kdqat.errors import DataError
+from ds_kdqat.errors import ConfigError, DataError
 
 Batch = dict[str, torch.Tensor]
 _CHUNK = 2048  # examples per tokenizer call: bounds the memory of the Python lists the tokenizer returns
+
+# Text encoders whose position ids start after the padding index (RoBERTa's scheme: position = pad + 1 + i),
+# so ``max_position_embeddings - pad_token_id - 1`` positions are usable.
+PAD_OFFSET_MODEL_TYPES = frozenset({
+    "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+    "data2vec-text", "ibert", "mpnet", "luke", "xmod", "markuplm", "layoutlmv3", "lilt",
+})
+# Encoders with only relative positions: no limit on the sequence length.
+RELATIVE_POSITION_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "longt5"})
+# Models without token positions (images): max_seq_length does not apply.
+NO_TEXT_POSITION_MODEL_TYPES = frozenset({"vit", "deit", "beit", "swin", "convnext", "dinov2"})
 
 
 class EncodedDataset(Dataset):
@@ -71,6 +82,55 @@ class EncodedDataset(Dataset):
     def collate_fn(self) -> Callable[[Sequence[Batch]], Batch]:
         """:func:`collate` bound to this dataset's pad ids."""
         return functools.partial(collate, pad_token_id=self.pad_token_id, pad_token_type_id=self.pad_token_type_id)
+
+
+def _config_value(model_config: Any, name: str) -> Any:
+    """``name`` of a Hugging Face config object, or of its ``config.json`` dict; None when absent."""
+    if isinstance(model_config, dict):
+        return model_config.get(name)
+    return getattr(model_config, name, None)
+
+
+def max_positions(model_config: Any) -> tuple[Optional[int], str]:
+    """(tokens the model can position, how that follows from its config); (None, why) when there is no limit.
+
+    ``model_config`` is a ``transformers`` config (``AutoConfig.from_pretrained(path)``) or its dict.
+    BERT-like: ``max_position_embeddings``; RoBERTa-like (:data:`PAD_OFFSET_MODEL_TYPES`):
+    ``max_position_embeddings - pad_token_id - 1``; T5 and DeBERTa without absolute positions: no limit;
+    image models: not applicable (None).
+    """
+    model_type = str(_config_value(model_config, "model_type") or "")
+    if model_type in NO_TEXT_POSITION_MODEL_TYPES:
+        return None, f"model type {model_type!r} has no token positions"
+    if model_type in RELATIVE_POSITION_MODEL_TYPES:
+        return None, f"model type {model_type!r} uses relative positions only"
+    if model_type.startswith("deberta") and _config_value(model_config, "position_biased_input") is False:
+        return None, f"model type {model_type!r} has no absolute positions (position_biased_input false)"
+    positions = _config_value(model_config, "max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return None, f"model type {model_type!r} sets no max_position_embeddings"
+    if model_type in PAD_OFFSET_MODEL_TYPES:
+        pad = _config_value(model_config, "pad_token_id")
+        pad = pad if isinstance(pad, int) and not isinstance(pad, bool) else 1
+        return positions - pad - 1, (f"max_position_embeddings {positions} - pad_token_id {pad} - 1, "
+                                     f"{model_type}'s positions start after the padding index")
+    return positions, f"max_position_embeddings {positions}"
+
+
+def check_max_seq_length(
+    model_config: Any, max_seq_length: int, key: str = "kdqat.data.max_seq_length"
+) -> Optional[int]:
+    """Raise :class:`ConfigError` at ``key`` when ``max_seq_length`` exceeds the model's positions.
+
+    Returns the model's limit (None when it has none). A longer setting would pass the config check and then
+    fail in the forward pass at the first long example.
+    """
+    limit, how = max_positions(model_config)
+    if limit is not None and max_seq_length > limit:
+        model_type = _config_value(model_config, "model_type") or "model"
+        raise ConfigError(key, f"got {max_seq_length}; the {model_type} model takes at most {limit} tokens "
+                               f"({how}); set it to {limit} or less")
+    return limit
 
 
 def label_tensor(examples: Sequence[Example], spec: TaskSpec) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Optional, Sequence, Union
@@ -32,6 +33,9 @@ OnBadRow = Literal["error", "skip"]
 ON_BAD_ROW_CHOICES: tuple[str, ...] = ("error", "skip")
 
 _TSV = dict(delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, strict=True)
+# The csv module refuses a field over 131072 characters by default; a row is one physical line, so allow any
+# length (text is truncated to max_seq_length tokens later). The C long behind the limit is 32-bit on Windows.
+FIELD_SIZE_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
 @dataclass
@@ -104,8 +108,20 @@ def _split_lines(data: bytes) -> list[bytes]:
     return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
 
 
+def allow_long_fields(limit: int | None = None) -> None:
+    """Raise the csv module's (process-wide) field size limit to ``limit`` (:data:`FIELD_SIZE_LIMIT`)."""
+    csv.field_size_limit(FIELD_SIZE_LIMIT if limit is None else limit)
+
+
 def _parse_fields(line: str) -> list[str]:
     return next(csv.reader((line,), **_TSV))
+
+
+def _csv_error_reason(line: str, error: csv.Error) -> str:
+    """What a csv.Error on ``line`` really means (a line holds no ``\\n``: ours are split on it)."""
+    if "\r" in line:
+        return "stray carriage return inside the line"
+    return f"unreadable tsv line ({len(line)} characters): {error}"
 
 
 def _decode(raw: bytes, lineno: int) -> str:
@@ -157,9 +173,10 @@ def read_task_file(
         on_bad_row: ``"error"`` raises :class:`DataError` at the first bad row; ``"skip"`` leaves bad rows
             out and lists each (``file:line`` and why) in ``report.bad_rows``.
 
-    A row is bad when it is blank, cannot be decoded as UTF-8, has a stray carriage return, has a number of
-    fields other than the number of columns, has an empty text field, an unknown label, or (regression) a
-    label that is not a finite number.
+    A row is bad when it is blank, cannot be decoded as UTF-8, has a stray carriage return (or another
+    error of the csv module, reported with its message), has a number of fields other than the number of
+    columns, has an empty text field, an unknown label, or (regression) a label that is not a finite number.
+    A line may be of any length (the csv module's field size limit is raised to :data:`FIELD_SIZE_LIMIT`).
 
     Raises:
         DataError: ``file`` for an empty file, a file with no data rows, or no usable rows at all;
@@ -169,6 +186,7 @@ def read_task_file(
     if on_bad_row not in ON_BAD_ROW_CHOICES:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}")
     path_str = str(path)
+    allow_long_fields()
     data = Path(path).read_bytes()
     lines = _split_lines(data)
     if not lines:
@@ -178,9 +196,13 @@ def read_task_file(
     header: Optional[list[str]] = None
     if spec.has_header:
         try:
-            header = _parse_fields(_decode(lines[0], 1))
-        except (UnicodeDecodeError, csv.Error) as exc:
+            first_line = _decode(lines[0], 1)
+        except UnicodeDecodeError as exc:
             raise DataError(f"{path_str}:1", f"unreadable header: {exc}") from None
+        try:
+            header = _parse_fields(first_line)
+        except csv.Error as exc:
+            raise DataError(f"{path_str}:1", f"unreadable header: {_csv_error_reason(first_line, exc)}") from None
         columns = header
         first_data = 1
     else:
@@ -224,8 +246,8 @@ def _parse_row(
         return None, "blank line"
     try:
         fields = _parse_fields(line)
-    except csv.Error:
-        return None, "stray carriage return inside the line"
+    except csv.Error as exc:
+        return None, _csv_error_reason(line, exc)
     if len(fields) != n_columns:
         return None, f"expected {n_columns} tab-separated columns, found {len(fields)}"
     texts = [fields[i].strip() for i in text_idx]

@@ -17,6 +17,7 @@ module unless the group says ``optional: true``, and a module matched by two gro
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -52,8 +53,8 @@ def _check_choice(value: Any, allowed: tuple, path: str) -> None:
 def _check_clip(value: Any, path: str) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(path, f"got {value!r}, expected a number > 0 or null (no clipping)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        raise ConfigError(path, f"got {value!r}, expected a finite number > 0 or null (no clipping)")
 
 
 def _check_bits(value: Any, allowed: tuple, path: str, what: str) -> None:
@@ -157,8 +158,9 @@ class LatConfig:
     def validate(self, path: str = f"{DEFAULT_PATH}.lat") -> None:
         if isinstance(self.beta2, bool) or not isinstance(self.beta2, (int, float)) or not 0 <= self.beta2 < 1:
             raise ConfigError(f"{path}.beta2", f"got {self.beta2!r}, expected a number in [0, 1)")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ConfigError(f"{path}.eps", f"got {self.eps!r}, expected a number > 0")
+        if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps)
+                or not self.eps > 0):
+            raise ConfigError(f"{path}.eps", f"got {self.eps!r}, expected a finite number > 0")
         if not _is_int(self.iters) or not 1 <= self.iters <= 1000:
             raise ConfigError(f"{path}.iters", f"got {self.iters!r}, expected an int in 1..1000")
         if not isinstance(self.sync_ranks, bool):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
 from ..analysis.io import write_json
+from ..training.run_folder import mark_output_dir
 from .config import SweepConfig, sweep_config_to_json
 from .grid import GridPoint, grid_points, point_command, point_dir
 
@@ -68,8 +69,9 @@ def is_done(config: SweepConfig, point: GridPoint) -> bool:
 
 @contextlib.contextmanager
 def point_lock(directory: Path) -> Iterator[Optional[int]]:
-    """Yield the descriptor of the held lock, or None when another process holds it."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Yield the descriptor of the held lock, or None when another process holds it. The point's folder is
+    the trainer's output folder: it is made a ds-kdqat run folder first, so the trainer adopts it."""
+    mark_output_dir(directory)
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -4,6 +4,10 @@ The accelerator is chosen by what is present: CUDA when torch sees a GPU, else D
 (``DS_ACCELERATOR=cpu``, gloo backend). Launchers (``deepspeed``, ``torchrun``, ``srun``) set RANK,
 LOCAL_RANK and WORLD_SIZE; a plain ``python run/train.py`` is a single rank, for which the variables
 DeepSpeed needs are filled in here (otherwise it would go looking for MPI).
+
+Under a launcher the rank also starts the launcher watchdog (:mod:`ds_kdqat.training.watchdog`) before
+anything else, and a rendezvous port that another job holds is reported as a :class:`ConfigError` naming
+the port (exit status 2) instead of torch's EADDRINUSE traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+
+from ..errors import ConfigError
 
 
 def choose_accelerator() -> str:
@@ -58,15 +64,44 @@ class DistInfo:
         return self.rank == 0
 
 
+def _address_in_use(error: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) says the rendezvous port is taken."""
+    while error is not None:
+        text = str(error).lower()
+        if "eaddrinuse" in text or "address already in use" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def port_in_use_error() -> ConfigError:
+    """The error for a MASTER_PORT that another process listens on."""
+    port = os.environ.get("MASTER_PORT", "29500")
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return ConfigError("MASTER_PORT", f"port {port} on {addr} is in use (another job on this machine?); pass "
+                                      "--master_port N to the launcher or use run/launch.py, which picks a free one")
+
+
 def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (idempotent) and describe this rank."""
+    """Initialise torch.distributed through DeepSpeed (idempotent) and describe this rank.
+
+    Raises ConfigError when the rendezvous port (MASTER_PORT) is already in use.
+    """
+    from .watchdog import watch_launchers
+
+    watch_launchers()  # record the launcher chain while it is intact
     choose_accelerator()
     fill_single_rank_env()
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    try:
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    except RuntimeError as error:
+        if _address_in_use(error):
+            raise port_in_use_error() from None
+        raise
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(local_rank)
