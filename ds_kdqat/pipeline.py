@@ -36,7 +36,7 @@ import torch.distributed as dist
 from .config import EMBEDDED_MODEL, RunConfig
 from .models.paths import check_model_path
 from .data.loading import load_split
-from .data.encode import encode
+from .data.encode import check_max_seq_length, encode
 from .data.tasks import TaskSpec, get_task
 from .engine import Phase, SupervisedObjective, TeacherStudentEngine, kd_phases, total_steps
 from .quant import QuantConfig, export_packed, quantize_model
@@ -230,6 +230,10 @@ def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
     check_model_path(source_path, "kdqat.model.teacher", cfg.model.local_files_only)
     if cfg.model.tokenizer:
         check_model_path(cfg.model.tokenizer, "kdqat.model.tokenizer", cfg.model.local_files_only)
+    from transformers import AutoConfig
+
+    check_max_seq_length(AutoConfig.from_pretrained(source_path, local_files_only=cfg.model.local_files_only),
+                         cfg.data.max_seq_length)
 
     def claim() -> RunFolder:
         folder = claim_run_folder(cfg.output_dir, run_fingerprint(run.to_json()), overwrite=overwrite,

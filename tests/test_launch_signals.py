@@ -123,11 +123,11 @@ def test_sigterm_to_a_plain_deepspeed_runner_stops_the_rank(assets, tmp_path):
     runner.send_signal(signal.SIGTERM)  # the runner has no handler: it ends at once
     runner.wait(timeout=30)
     assert _wait_gone(ranks, 60) == [], log.read_text()[-4000:]
+    assert _wait_gone(below, 30) == []  # DeepSpeed's launch.py follows its rank
     text = log.read_text()
     assert "the launcher above this rank is gone" in text, text[-4000:]
-    assert "exits with return code = 143" in text, text[-4000:]
+    assert "exits with return code = 143" in text, text[-4000:]  # logged by launch.py
     assert before < _latest_step(out) < KD_STEPS
-    assert _wait_gone(below, 30) == []  # DeepSpeed's launch.py follows its rank
 
 
 def test_a_taken_port_is_a_config_error_naming_it(assets, tmp_path):

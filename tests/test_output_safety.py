@@ -6,6 +6,7 @@ code, the message, and that every file the user had is byte-identical afterwards
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -35,6 +36,12 @@ def assets(tmp_path_factory):
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too) by relative path."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def log_without_timings(out: Path) -> list[dict]:
+    """log.csv's rows without the wall-clock column (the only one a resumed run may change)."""
+    with open(out / "log.csv", newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
 
 
 def short_config(path: Path, model: Path, data: Path, out: Path, **changes) -> Path:
@@ -192,14 +199,18 @@ def test_one_job_per_folder_and_stale_locks_are_taken_over(assets, tmp_path):
     assert not (out / ".kdqat.lock").exists()
 
 
-@pytest.mark.parametrize("case", ["missing_teacher", "non_model_teacher", "output_is_a_file", "users_log_csv",
+@pytest.mark.parametrize("case", ["too_long_sequences", "missing_teacher", "non_model_teacher", "output_is_a_file", "users_log_csv",
                                   "broken_log_in_a_run_folder"])
 def test_clear_refusals_touch_nothing(case, assets, tmp_path):
     """Case 10: each mistake stops with exit 2 and a message naming what is wrong; the user's files stay."""
     model, data = assets
     out = tmp_path / "out"
     teacher = model
-    if case == "missing_teacher":
+    if case == "too_long_sequences":  # case 9: the tiny BERT has 64 positions
+        data = tmp_path / "data"
+        shutil.copytree(assets[1], data)
+        expected = "kdqat.data.max_seq_length: got 4096; the bert model takes at most 64 tokens"
+    elif case == "missing_teacher":
         teacher, expected = tmp_path / "no_such_model", f"kdqat.model.teacher: {tmp_path / 'no_such_model'}: no such folder"
     elif case == "non_model_teacher":
         teacher = tmp_path / "notes"
@@ -220,8 +231,11 @@ def test_clear_refusals_touch_nothing(case, assets, tmp_path):
         (out / "log.csv").write_text("epoch,loss\n1,0.5\n")
         expected = f"ds-kdqat data error: {out / 'log.csv'}: not a ds-kdqat run log"
     watched = tmp_path
-    before = snapshot(watched)
     config = short_config(tmp_path / "c.json", teacher, data, out)
+    if case == "too_long_sequences":
+        spec = json.loads(config.read_text())
+        spec["kdqat"]["data"]["max_seq_length"] = 4096
+        config.write_text(json.dumps(spec))
     before = snapshot(watched)
     result = run_train(config, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -232,6 +246,52 @@ def test_clear_refusals_touch_nothing(case, assets, tmp_path):
         if name.startswith("out/") and case == "broken_log_in_a_run_folder" and name != "out/log.csv":
             continue  # ds-kdqat's own marker and config in its own run folder
         assert after[name] == content, name
-    if case in ("missing_teacher", "non_model_teacher"):
+    if case in ("too_long_sequences", "missing_teacher", "non_model_teacher"):
         assert not out.exists()  # refused before any folder was made
     assert not any(name.endswith(".kdqat.lock") for name in after)
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_resume_stays_exact(finished, tmp_path):
+    """Case 7: 1 KiB overwritten (0xA5 bytes) inside the newest KD-QAT checkpoint's model states: the run says which
+    file, resumes from the previous checkpoint and ends with the uninterrupted run's numbers and log."""
+    out, config = copy_run(finished, tmp_path)
+    kdqat = out / "checkpoints" / "kdqat"
+    assert (kdqat / "latest").read_text() == "step_00000006"
+    states = kdqat / "step_00000006" / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 1024] = b"\xa5" * 1024  # not zeros: untouched Adam moments there are zeros already
+    states.write_bytes(bytes(data))
+    reference_log = log_without_timings(out)
+    reference_results = json.loads((out / "results.json").read_text())
+    result = run_train(config)
+    assert f"{states}: sha256 differs from the manifest" in result.stderr
+    assert "resuming from step_00000004 instead" in result.stderr
+    # steps 5 and 6 were trained again: their log rows were dropped and written anew, identical
+    assert log_without_timings(out) == reference_log
+    assert (kdqat / "latest").read_text() == "step_00000006"
+    ours = json.loads((out / "results.json").read_text())
+    assert ours["student"] == reference_results["student"] and ours["steps"] == reference_results["steps"]
+
+    (kdqat / "latest").write_text("step_00000099")  # a tag naming a missing step
+    result = run_train(config)
+    assert f"{kdqat / 'step_00000099'}: the folder does not exist" in result.stderr
+    assert log_without_timings(out) == reference_log
+
+
+@pytest.mark.parametrize("override, expected", [
+    ('zero_optimisation={"stage": 1}', "zero_optimisation: unknown DeepSpeed key; did you mean 'zero_optimization'?"),
+    ("gradient_acumulation_steps=2", "did you mean 'gradient_accumulation_steps'?"),
+    ("kdqat.train.learning_rate=NaN", "kdqat.train.learning_rate"),
+    ("kdqat.finetune.epochs=Infinity", "kdqat.finetune.epochs"),
+    ("kdqat.seed=-1", "kdqat.seed"),
+])
+def test_config_mistakes_stop_before_anything_is_made(override, expected, assets, tmp_path):
+    """Case 8: DeepSpeed-key typos and non-finite or out-of-range numbers stop with exit 2, nothing written."""
+    model, data = assets
+    config = short_config(tmp_path / "c.json", model, data, tmp_path / "out")
+    result = run_train(config, "--set", override, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "ds-kdqat config error: " in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
