@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from .configtools import apply_overrides, from_dict, to_dict
+from .configtools import apply_overrides, from_dict, is_finite_number, is_int, to_dict
 from .data.config import DataConfig
 from .distill.config import DistillConfig
 from .ds_schema import check_deepspeed_keys
@@ -72,28 +72,21 @@ class ScheduleConfig:
         _check_number(self.epochs, f"{path}.epochs", low=0, low_open=True)
         _check_number(self.learning_rate, f"{path}.learning_rate", low=0, low_open=True)
         _check_number(self.weight_decay, f"{path}.weight_decay", low=0)
-        if not _is_number(self.warmup_proportion) or not 0 <= self.warmup_proportion < 1:
+        if not is_finite_number(self.warmup_proportion) or not 0 <= self.warmup_proportion < 1:
             raise ConfigError(f"{path}.warmup_proportion", f"got {self.warmup_proportion}; must be in [0, 1)")
-        if len(self.adam_betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.adam_betas):
+        if len(self.adam_betas) != 2 or not all(is_finite_number(b) and 0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"{path}.adam_betas", f"got {self.adam_betas}; expected two values in [0, 1)")
         _check_number(self.adam_eps, f"{path}.adam_eps", low=0, low_open=True)
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps <= 0):
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps <= 0):
             raise ConfigError(f"{path}.max_steps", f"got {self.max_steps}; must be a positive integer or null")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A real, finite number (not a bool, not NaN or ±inf)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_number(value: Any, path: str, low: float, low_open: bool = False) -> None:
     """``value`` must be a finite number ``> low`` (``low_open``) or ``>= low``; the message names ``path``."""
     relation = ">" if low_open else ">="
-    if not _is_number(value) or value < low or (low_open and value == low):
+    if not is_finite_number(value) or value < low or (low_open and value == low):
         raise ConfigError(path, f"got {json.dumps(value)}; must be {relation} {low:g} and finite")
 
 
@@ -134,7 +127,7 @@ class KdqatConfig:
     def validate(self, path: str) -> None:
         if not self.output_dir:
             raise ConfigError(f"{path}.output_dir", "must be a directory path")
-        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+        if not is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
             raise ConfigError(f"{path}.seed", f"got {json.dumps(self.seed)}; expected an integer in [0, {SEED_MAX}] "
                               "(random, numpy and torch are seeded with it)")
 
@@ -180,7 +173,7 @@ def _section(ds: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _positive_int(ds: dict[str, Any], key: str, default: Any, source: str) -> None:
     value = ds.get(key, default)
-    if not _is_int(value) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise ConfigError(key, f"got {json.dumps(value)}; expected a positive integer (in {source})")
 
 
@@ -211,11 +204,11 @@ def _check_deepspeed_section(ds: dict[str, Any], source: str) -> None:
                           "instead; the global batch follows from them and the number of ranks")
     _positive_int(ds, "gradient_accumulation_steps", 1, source)
     stage = _section(ds, "zero_optimization").get("stage", 0)
-    if not _is_int(stage) or stage not in (0, 1, 2, 3):
+    if not is_int(stage) or stage not in (0, 1, 2, 3):
         raise ConfigError("zero_optimization.stage", f"got {json.dumps(stage)}; allowed: 0, 1, 2, 3")
     if "gradient_clipping" in ds:
         clipping = ds["gradient_clipping"]
-        if not _is_number(clipping) or clipping < 0:
+        if not is_finite_number(clipping) or clipping < 0:
             raise ConfigError("gradient_clipping", f"got {json.dumps(clipping)}; expected a finite number >= 0 "
                               "(0 turns clipping off)")
     if _section(ds, "fp16").get("enabled") and _section(ds, "bf16").get("enabled"):

@@ -100,8 +100,18 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(path, f"got {json.dumps(value)}; expected {_type_name(tp)}")
 
 
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON's ``true`` is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number (not a bool, not NaN or ±inf)."""
+    return _is_real(value) and math.isfinite(value)
 
 
 def _to_finite_float(value: Any, path: str) -> float:

@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 from ds_kdqat.data.glue_format import ON_BAD_ROW_CHOICES
 from ds_kdqat.data.tasks import TASKS, get_task
+from ds_kdqat.configtools import is_int
 from ds_kdqat.errors import ConfigError
 
 SOURCE_CHOICES: tuple[str, ...] = ("local", "hub")
@@ -68,7 +69,7 @@ class DataConfig:
                 f"{path}.data_dir",
                 f"required for task {self.task!r} with source 'local': a GLUE-format folder holding {files}",
             )
-        if not _is_int(self.max_seq_length) or self.max_seq_length < MIN_SEQ_LENGTH:
+        if not is_int(self.max_seq_length) or self.max_seq_length < MIN_SEQ_LENGTH:
             raise ConfigError(f"{path}.max_seq_length", f"expected an integer >= {MIN_SEQ_LENGTH}, got {self.max_seq_length!r}")
         if self.on_bad_row not in ON_BAD_ROW_CHOICES:
             raise ConfigError(f"{path}.on_bad_row", f"{self.on_bad_row!r} is not one of {list(ON_BAD_ROW_CHOICES)}")
@@ -79,13 +80,11 @@ class DataConfig:
             or not 0.0 < self.dev_fraction < 1.0
         ):
             raise ConfigError(f"{path}.dev_fraction", f"expected a number in (0, 1), got {self.dev_fraction!r}")
-        if not _is_int(self.split_seed):
+        if not is_int(self.split_seed):
             raise ConfigError(f"{path}.split_seed", f"expected an integer, got {self.split_seed!r}")
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, key)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ConfigError(f"{path}.{key}", f"expected null or an integer >= 1, got {value!r}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from ds_kdqat.configtools import is_int
 from ds_kdqat.errors import ConfigError
 
 Method = Literal["twn", "lat", "binary", "uniform"]
@@ -41,9 +42,6 @@ ACT_BITS = tuple(range(2, 17))
 DEFAULT_PATH = "kdqat.quant"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def _check_choice(value: Any, allowed: tuple, path: str) -> None:
     if value not in allowed:
@@ -58,7 +56,7 @@ def _check_clip(value: Any, path: str) -> None:
 
 
 def _check_bits(value: Any, allowed: tuple, path: str, what: str) -> None:
-    if not _is_int(value) or value not in allowed:
+    if not is_int(value) or value not in allowed:
         raise ConfigError(path, f"got {value!r}, expected {what} in {allowed[0]}..{allowed[-1]}"
                           if len(allowed) > 1 else f"got {value!r}, expected {what} {allowed[0]}")
 
@@ -161,7 +159,7 @@ class LatConfig:
         if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps)
                 or not self.eps > 0):
             raise ConfigError(f"{path}.eps", f"got {self.eps!r}, expected a finite number > 0")
-        if not _is_int(self.iters) or not 1 <= self.iters <= 1000:
+        if not is_int(self.iters) or not 1 <= self.iters <= 1000:
             raise ConfigError(f"{path}.iters", f"got {self.iters!r}, expected an int in 1..1000")
         if not isinstance(self.sync_ranks, bool):
             raise ConfigError(f"{path}.sync_ranks", f"got {self.sync_ranks!r}, expected true or false")
