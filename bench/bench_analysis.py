@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch  # noqa: E402
 
 from ds_kdqat.analysis.attention_metrics import cover_length_ratio, pairwise_ranking_loss  # noqa: E402

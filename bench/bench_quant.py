@@ -18,12 +18,9 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402

@@ -1,96 +1,10 @@
-#!/usr/bin/env python
-"""Fit a BERT-style masked-LM head on a frozen encoder that has none (e.g. the packaged MiniLM).
-
-    python run/fit_mlm_head.py --task rt_polarity --output heads/minilm_mlm.safetensors
-    python run/fit_mlm_head.py --text corpus.txt --model path/to/encoder --output head.safetensors
-
-Sentences come from a plain-text file (one sentence a line) or from a task file's text fields. Writes the
-head (safetensors) and a JSON beside it, and prints held-out masked-token accuracy before and after.
-Pass the head to ``run/augment.py --mlm_head``.
-"""
-
-from __future__ import annotations
-
-import argparse
+"""Shim: `python run/fit_mlm_head.py …` is `ds-kdqat fit-mlm-head …` (ds_kdqat/commands/fit_mlm_head.py; --help for its options)."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ds_kdqat.cli import command_main, drop_script_folder
 
-from augment.fit_head import FitHeadOptions, fit_mlm_head  # noqa: E402
-from augment.mlm import packaged_minilm_path  # noqa: E402
-from augment.mlm_head import save_head  # noqa: E402
-from ds_kdqat.errors import ConfigError, DataError  # noqa: E402
-
-
-def read_sentences(args) -> tuple[list[str], str]:
-    if args.text is not None:
-        try:
-            lines = Path(args.text).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError("fit_mlm_head.text", f"cannot read {args.text}: {exc.strerror}") from exc
-        return [ln.strip() for ln in lines if ln.strip()], args.text
-    from augment.config import AugmentConfig
-    from augment.job import default_input
-    from ds_kdqat.data.glue_format import read_task_file
-    from ds_kdqat.data.tasks import get_task
-
-    spec = get_task(args.task, "fit_mlm_head.task")
-    path = default_input(AugmentConfig(task=args.task, input=args.task_file, num_new=1), spec)
-    examples, report = read_task_file(path, spec, on_bad_row=args.on_bad_row)
-    for bad in report.bad_rows:
-        print(f"skipped bad row {bad}", file=sys.stderr)
-    texts = [e.text_a for e in examples] + [e.text_b for e in examples if e.text_b is not None]
-    return texts, str(path)
-
-
-def main(argv=None) -> int:
-    o = FitHeadOptions()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", help="plain-text file, one sentence a line")
-    src.add_argument("--task", default="rt_polarity", help="task whose train sentences to use (default %(default)s)")
-    p.add_argument("--task_file", default=None, help="the task's file (default: the embedded task's train split)")
-    p.add_argument("--on_bad_row", choices=["error", "skip"], default="error")
-    p.add_argument("--model", default=None, help="encoder dir or hub name (default: packaged MiniLM)")
-    p.add_argument("--output", required=True, help="head file (.safetensors); a .json is written beside it")
-    p.add_argument("--rounds", type=int, default=o.rounds)
-    p.add_argument("--epochs", type=int, default=o.epochs)
-    p.add_argument("--max_steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=o.lr)
-    p.add_argument("--batch_size", type=int, default=o.batch_size)
-    p.add_argument("--max_seq_length", type=int, default=o.max_seq_length)
-    p.add_argument("--holdout", type=float, default=o.holdout)
-    p.add_argument("--seed", type=int, default=o.seed)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the encoder runs")
-    args = p.parse_args(argv)
-    try:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        opts = FitHeadOptions(
-            rounds=args.rounds, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
-            batch_size=args.batch_size, max_seq_length=args.max_seq_length, holdout=args.holdout, seed=args.seed,
-        )
-        opts.validate()
-        sentences, source = read_sentences(args)
-        model = args.model or packaged_minilm_path()
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        from augment.mlm import resolve_device
-
-        encoder = AutoModel.from_pretrained(model).to(resolve_device(args.device))
-        head, stats = fit_mlm_head(encoder, tokenizer, sentences, opts)
-        weights, meta = save_head(head, args.output, {"encoder": model, "source": source, "fit": stats})
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {weights} and {meta}")
-    print(f"held-out masked-token accuracy: before {stats['heldout_accuracy_before']:.4f}, after {stats['heldout_accuracy_after']:.4f}")
-    return 0
-
+drop_script_folder(__file__)  # run/augment.py, first on sys.path, would hide the augment package
+main = command_main("fit-mlm-head")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -189,6 +189,10 @@ def test_split_args_and_launcher_detection():
     assert is_launcher(["python", "/repo/run/launch.py", "run/train.py"])
     assert not is_launcher(["python", "-u", "run/train.py", "--local_rank=0"])
     assert not is_launcher(["python", "-m", "pytest", "deepspeed"])
+    assert is_launcher(["/v/bin/python", "/v/bin/ds-kdqat", "launch", "--num_accelerators", "2", "run/train.py"])
+    assert is_launcher(["python", "-m", "ds_kdqat", "launch", "run/train.py"])
+    assert not is_launcher(["/v/bin/python", "/v/bin/ds-kdqat", "train", "--ds_config", "c.json"])
+    assert not is_launcher(["python", "-m", "ds_kdqat", "train", "--ds_config", "launch"])
 
 
 def test_watchdog_fires_once_when_a_launcher_is_gone_and_is_idle_without_one():

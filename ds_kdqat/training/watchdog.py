@@ -29,6 +29,8 @@ LAUNCHER_MODULES = frozenset({
 })
 # Console scripts (or python scripts) whose process is a launcher, by file name.
 LAUNCHER_SCRIPTS = frozenset({"deepspeed", "ds", "torchrun"})
+# The console command whose ``launch`` subcommand is the wrapper.
+CONSOLE_COMMAND = "ds-kdqat"
 # The ds-kdqat wrapper run as a script: its path ends with these components.
 WRAPPER_SCRIPT = ("run", "launch.py")
 
@@ -41,19 +43,27 @@ def _is_launcher_program(path: str) -> bool:
     return parts[-1] in LAUNCHER_SCRIPTS or tuple(parts[-2:]) == WRAPPER_SCRIPT
 
 
+def _is_launch_subcommand(program: str, args: list[str]) -> bool:
+    """``ds-kdqat launch …`` (the console command, or ``python -m ds_kdqat launch …``)."""
+    return (program == "ds_kdqat" or os.path.basename(program) == CONSOLE_COMMAND) and args[:1] == ["launch"]
+
+
 def is_launcher(cmdline: list[str]) -> bool:
     """Whether a process with this command line is a launcher: looks at the program, the interpreter's
-    options and the script or module it runs, never at that script's own arguments."""
+    options and the script or module it runs (and a ``ds-kdqat`` subcommand), never at that script's own
+    arguments."""
     if not cmdline:
         return False
-    if _is_launcher_program(cmdline[0]):
+    if _is_launcher_program(cmdline[0]) or _is_launch_subcommand(cmdline[0], cmdline[1:]):
         return True
     rest = cmdline[1:]
     for index, token in enumerate(rest):
         if token == "-m":
-            return index + 1 < len(rest) and rest[index + 1] in LAUNCHER_MODULES
+            module = rest[index + 1] if index + 1 < len(rest) else ""
+            return module in LAUNCHER_MODULES or _is_launch_subcommand(module, rest[index + 2:])
         if not token.startswith("-"):
-            return _is_launcher_program(token)  # the script the interpreter runs
+            # the script the interpreter runs
+            return _is_launcher_program(token) or _is_launch_subcommand(token, rest[index + 1:])
     return False
 
 

@@ -1,0 +1,8 @@
+"""``python -m ds_kdqat COMMAND …``: the ``ds-kdqat`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
