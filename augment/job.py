@@ -22,13 +22,12 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ds_kdqat.fileio import atomic_write_text, sha256_file
+from ds_kdqat.fileio import atomic_write_json, atomic_write_text, atomic_write_via, sha256_file
 from ds_kdqat.data.glue_format import Example, ReadReport, read_task_file, write_task_file
 from ds_kdqat.data.tasks import TaskSpec, get_task
 from ds_kdqat.errors import ConfigError, DataError
@@ -178,7 +177,7 @@ def make_plan(cfg: AugmentConfig) -> Plan:
                 "remove that folder or choose another parts_dir",
             )
     else:
-        atomic_write_text(job_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(job_file, identity)
     return Plan(cfg, spec, input_path, output_path, parts, index, count, examples, report, identity)
 
 
@@ -336,10 +335,9 @@ def merge(plan: Plan) -> Path:
             raise DataError(str(plan.chunk_tsv(k)), "content does not match its marker's sha256; delete both and rerun")
         markers.append(marker)
     out = plan.output_path
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     digest = hashlib.sha256()
-    try:
+
+    def concatenate(tmp: str) -> None:
         with open(tmp, "wb") as dst:
             for k in range(plan.num_chunks):
                 with open(plan.chunk_tsv(k), "rb") as src:
@@ -348,12 +346,8 @@ def merge(plan: Plan) -> Path:
                     while block := src.read(1 << 20):
                         dst.write(block)
                         digest.update(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write_via(out, concatenate)
     per_shard: dict[str, dict] = {}
     for m in markers:
         s = per_shard.setdefault(str(m["shard"]), {"chunks": 0, "examples": 0, "rows": 0})
@@ -378,7 +372,7 @@ def merge(plan: Plan) -> Path:
         "per_shard": per_shard,
         "bad_rows": [str(b) for b in plan.report.bad_rows],
     }
-    atomic_write_text(manifest_path(out), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(manifest_path(out), manifest)
     logger.info("wrote %s (%d rows) and its manifest", out, manifest["counts"]["output_rows"])
     return out
 

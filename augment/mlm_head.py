@@ -12,8 +12,6 @@ Files: ``<name>.safetensors`` (``transform.dense.weight/bias``, ``transform.laye
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from torch import nn
 
 from ds_kdqat.errors import ConfigError, DataError
 
-from ds_kdqat.fileio import atomic_write_text
+from ds_kdqat.fileio import atomic_write_json, atomic_write_via
 
 HEAD_FORMAT = "ds-kdqat-mlm-head"
 HEAD_FORMAT_VERSION = 1
@@ -90,7 +88,6 @@ def save_head(head: MLMHead, path: str, meta: dict) -> tuple[str, str]:
     from safetensors.torch import save_file
 
     weights = Path(path if path.endswith(".safetensors") else path + ".safetensors")
-    weights.parent.mkdir(parents=True, exist_ok=True)
     info = {
         "format": HEAD_FORMAT,
         "version": HEAD_FORMAT_VERSION,
@@ -101,12 +98,9 @@ def save_head(head: MLMHead, path: str, meta: dict) -> tuple[str, str]:
         **meta,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=weights.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": HEAD_FORMAT})
-    os.replace(tmp, weights)
+    atomic_write_via(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": HEAD_FORMAT}))
     meta_file = weights.with_suffix(".json")
-    atomic_write_text(meta_file, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(meta_file, info)
     return str(weights), str(meta_file)
 
 

@@ -7,32 +7,48 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+def atomic_write_via(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Let ``write(tmp)`` write a file at a temporary path, then put it at ``path`` atomically.
 
-    The bytes go to a temporary file in the same directory (same file system), are flushed to disk, and
-    the temporary file is renamed over ``path`` with ``os.replace``. The file mode follows the umask, as
-    for a plain ``open(path, "w")``. Parent directories are created.
+    For writers that take a path (safetensors ``save_file``, matplotlib ``savefig``, a streamed copy):
+    ``tmp`` is a new empty file ``.<name>.<pid>.<random>.tmp`` in ``path``'s directory (same file system),
+    created with the umask's mode as a plain ``open(path, "w")`` would; ``write`` may truncate and rewrite
+    it. Afterwards the file is flushed to disk (fsync) and renamed over ``path`` with ``os.replace``, so
+    readers see either the old file or the whole new one. If ``write`` or a later step raises, the
+    temporary file is removed and ``path`` is left as it was. Parent directories are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one
+    (:func:`atomic_write_via`: same-directory temporary file, fsync, ``os.replace``)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    return atomic_write_via(path, write)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from ds_kdqat.training.logger import RunLog
+from ds_kdqat.errors import DataError
+from ds_kdqat.training.logger import RunLog, read_log_table
 from ds_kdqat.training.optim import BertAdam, build_optimizer, linear_warmup_decay, parameter_groups
 from ds_kdqat.training.order import epoch_micro_batches, micro_batches_per_epoch
+from ds_kdqat.training.zero import gathered, is_partitioned
 
 
 def test_bert_adam_has_no_bias_correction_and_decoupled_decay():
@@ -85,3 +87,30 @@ def test_run_log_rewrites_atomically_and_truncates_on_resume(tmp_path):
     resumed = RunLog(str(path), enabled=True)
     resumed.truncate(("kdqat",), 1)
     assert path.read_text().splitlines() == ["step,phase,split,total,pred,accuracy", "1,kdqat:kd,train,1.5,,"]
+
+
+def test_zero3_partitioned_only_with_ds_id():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    assert not is_partitioned(model) and not is_partitioned(model.parameters()) and not is_partitioned(model[0].weight)
+    with gathered(model) as inside:  # a plain model: nullcontext, deepspeed not needed
+        assert inside is None
+    fake = torch.nn.Parameter(torch.zeros(0))
+    fake.ds_id = 7  # what deepspeed.zero puts on a partitioned parameter
+    assert is_partitioned(fake) and is_partitioned([model[0].weight, fake])
+    model[1].register_parameter("sharded", fake)
+    assert is_partitioned(model)
+
+
+def test_run_log_schema_is_checked_when_read_back(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("step,phase,split,total\n1,a,train,0.5\n")
+    assert read_log_table(path) == (["step", "phase", "split", "total"], [{"step": "1", "phase": "a", "split": "train",
+                                                                          "total": "0.5"}])
+    for text, where in (("epoch,loss\n1,0.5\n", "log.csv:1: missing column"), ("step,phase,split,t\nx,a,b,1\n", "log.csv:2: step"),
+                        ("step,phase,split,t\n1,a,b,y\n", "log.csv:2: t is 'y'"), ("step,phase,split\n1,a,b,c\n", "log.csv:2: more cells")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=where):
+            read_log_table(path)
+        with pytest.raises(DataError, match=r"log.csv: not a ds-kdqat run log \(.*\); it is left as it is"):
+            RunLog(str(path), enabled=True)
+        assert path.read_text() == text

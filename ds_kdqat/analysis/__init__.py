@@ -8,9 +8,11 @@ Pure tensor metrics (no model, no I/O), each defined with its padding rule in it
 * :mod:`.ranges` — ``token_minmax`` / ``position_range_sums`` of the attention output ``Y_l``;
 * :mod:`.decomposition` — ``sa_prop_vectors``, ``sa_gen_distance``, ``sa_prop_distance``.
 
-Around them: :mod:`.compare` (runs models through the taps and accumulates every metric over a split:
-``analyze``, ``AnalysisConfig``), :mod:`.curves` (``log.csv`` → series, convergence), :mod:`.plots`
-(matplotlib figures without pyplot), :mod:`.report` (CSV/JSON/PNG files), :mod:`.inputs` (models and data
-for ``run/analyze.py``), :mod:`.io` (atomic writes). Submodules are imported on use, so importing this
-package costs nothing (the sweep runner uses :mod:`.io` without loading torch).
+Around them: :mod:`.compare` (``analyze``: runs the models through the taps, batch by batch, and feeds each
+enabled metric), :mod:`.measures` (the metrics over a split, each a compute/write pair in ``METRICS``),
+:mod:`.config` (``AnalysisConfig``), :mod:`.result` (``AnalysisResult``), :mod:`.curves` (``log.csv`` →
+series, convergence), :mod:`.plots` (matplotlib figures without pyplot), :mod:`.report` (``write_analysis``,
+``write_curves``), :mod:`.inputs` (models and data for ``ds-kdqat analyze``), :mod:`.io` (report formats,
+written through :mod:`ds_kdqat.fileio`). Submodules are imported on use, so importing this package costs
+nothing (the sweep runner uses :mod:`.io` without loading torch).
 """

@@ -2,25 +2,24 @@
 
 ``log.csv`` (written by the trainer) has the columns ``step, phase, split`` and then one column per loss
 term or metric; a row leaves the columns of other splits empty. A *series* is the non-empty values of one
-column over the rows of one (phase, split), in file order.
+column over the rows of one (phase, split), in file order. The schema (fixed columns, checks) is
+:mod:`ds_kdqat.training.logger`'s, the writer's.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import DataError
-
-FIXED_COLUMNS = ("step", "phase", "split")
+from ..training.logger import FIXED_COLUMNS, read_log_table
 
 
 @dataclass
-class RunLog:
-    """``series[(phase, split, column)] = (steps, values)``; ``columns`` in file order."""
+class RunCurves:
+    """One run's curves: ``series[(phase, split, column)] = (steps, values)``; ``columns`` (the term/metric
+    columns) in file order."""
 
     source: str
     columns: list[str] = field(default_factory=list)
@@ -33,37 +32,18 @@ class RunLog:
         return [c for c in self.columns if any(s == split and col == c for _, s, col in self.series)]
 
 
-def read_log(path: str | Path) -> RunLog:
-    """Parse ``log.csv``; a missing fixed column or a non-numeric value is a :class:`DataError` at file:line."""
-    path = Path(path)
-    try:
-        handle = open(path, newline="", encoding="utf-8")
-    except OSError as error:
-        raise DataError(str(path), f"cannot read the run log: {error.strerror}") from None
-    with handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in FIXED_COLUMNS if c not in header]
-        if missing:
-            raise DataError(f"{path}:1", f"missing column(s) {missing}; expected {list(FIXED_COLUMNS)} first")
-        log = RunLog(str(path), [c for c in header if c not in FIXED_COLUMNS])
-        for line, row in enumerate(reader, start=2):
-            try:
-                step = int(float(row["step"]))
-            except (TypeError, ValueError):
-                raise DataError(f"{path}:{line}", f"step is {row['step']!r}, expected an integer") from None
-            for column in log.columns:
-                text = row.get(column)
-                if text is None or text == "":
-                    continue
-                try:
-                    value = float(text)
-                except ValueError:
-                    raise DataError(f"{path}:{line}", f"{column} is {text!r}, expected a number") from None
-                steps, values = log.series.setdefault((row["phase"], row["split"], column), ([], []))
-                steps.append(step)
-                values.append(value)
-    return log
+def read_log(path: str | Path) -> RunCurves:
+    """Parse ``log.csv`` into series; the file is checked by the schema's
+    :func:`ds_kdqat.training.logger.read_log_table` (a bad header or value is a :class:`DataError` at file:line)."""
+    columns, rows = read_log_table(path)
+    curves = RunCurves(str(path), columns[len(FIXED_COLUMNS):])
+    for row in rows:
+        for column in curves.columns:
+            if column in row:
+                steps, values = curves.series.setdefault((row["phase"], row["split"], column), ([], []))
+                steps.append(int(row["step"]))
+                values.append(float(row[column]))
+    return curves
 
 
 def steps_to_reach(steps: list[int], values: list[float], fraction: float = 0.99, higher_is_better: bool = True) -> Optional[int]:
@@ -81,7 +61,7 @@ def steps_to_reach(steps: list[int], values: list[float], fraction: float = 0.99
     return next(s for s, v in finite if v <= target)
 
 
-def curve_summary(logs: dict[str, RunLog], fraction: float = 0.99) -> list[dict]:
+def curve_summary(logs: dict[str, RunCurves], fraction: float = 0.99) -> list[dict]:
     """Per run, phase and dev metric: last and best value, and the first step reaching ``fraction`` of the
     best (metrics are taken as higher-is-better unless their name contains "loss")."""
     rows = []

@@ -1,6 +1,7 @@
-"""Atomic file writes for reports: write a temporary file beside the target, then ``os.replace`` it.
+"""Report file formats: JSON with NaN/inf as null, CSV from dict rows, PNG from a matplotlib figure.
 
-A reader (or a resumed sweep) therefore sees either the old file or the complete new one, never a torn one.
+Only the formatting lives here; every file is written by :mod:`ds_kdqat.fileio` (same-directory temporary
+file, fsync, ``os.replace``), so a reader or a resumed sweep sees the old file or the complete new one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """``data`` as indented JSON in insertion order (not sorted), NaN/inf as null, final newline."""
     return atomic_write_text(path, json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .curves import RunLog
+from .curves import RunCurves
 
 MODEL_COLOURS = {"teacher": "black", "quantized": "tab:red", "student": "tab:blue"}
 
@@ -108,7 +108,7 @@ def eigenvalue_bars(values: Mapping[str, Sequence[float]], title: str = "Hessian
     return figure
 
 
-def training_curves(logs: Mapping[str, RunLog], split: str, title: str, phases: Optional[Sequence[str]] = None) -> Figure:
+def training_curves(logs: Mapping[str, RunCurves], split: str, title: str, phases: Optional[Sequence[str]] = None) -> Figure:
     """One panel per column of ``split`` (loss terms for "train", metrics for "dev"), a line per run × phase."""
     columns = list(dict.fromkeys(c for log in logs.values() for c in log.columns_of(split)))
     if not columns:

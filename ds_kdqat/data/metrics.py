@@ -1,11 +1,12 @@
-"""Task metrics in numpy: accuracy, F1, Matthews correlation, Pearson and Spearman correlation.
+"""Task metrics: accuracy, F1, Matthews correlation (scikit-learn), Pearson and Spearman correlation (scipy).
 
 All functions take 1-D arrays of equal, non-zero length and return a Python float.
 
 Degenerate inputs: where a formula divides by zero (constant predictions or constant labels for MCC and
 the correlations; no positive prediction and no positive label for F1) the value is defined as 0.0
 rather than NaN, so that a collapsed model scores "no better than chance" and checkpoint selection never
-compares against NaN.
+compares against NaN. The constant cases are caught here, before the library call (scikit-learn would
+warn about a single class, scipy would warn and return NaN). scikit-learn and scipy are imported on first use, so importing :mod:`ds_kdqat.data` stays cheap.
 """
 
 from __future__ import annotations
@@ -41,71 +42,81 @@ def _pair(predictions: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.nda
     return p, y
 
 
-def accuracy(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Fraction of positions where ``predictions == labels``."""
-    p, y = _pair(predictions, labels)
-    return float(np.mean(p == y))
+def _constant(a: np.ndarray) -> bool:
+    return bool(np.all(a == a[0]))
 
 
-def f1_score(predictions: ArrayLike, labels: ArrayLike, positive: int = 1) -> float:
-    """F1 of class ``positive``: ``2·TP / (2·TP + FP + FN)``; 0.0 when ``TP + FP + FN = 0``."""
-    p, y = _pair(predictions, labels)
-    tp = int(np.sum((p == positive) & (y == positive)))
-    fp = int(np.sum((p == positive) & (y != positive)))
-    fn = int(np.sum((p != positive) & (y == positive)))
-    denominator = 2 * tp + fp + fn
-    return 0.0 if denominator == 0 else 2 * tp / denominator
-
-
-def matthews_corrcoef(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Matthews correlation coefficient, multi-class form (Gorodkin's R_K) on the confusion matrix ``C``.
-
-    With ``s`` samples, ``c`` correct, ``t_k`` true and ``p_k`` predicted counts of class k:
-    ``MCC = (c·s − Σ p_k t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²))``; for two classes this equals
-    ``(TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))``. 0.0 when the denominator is zero.
-    """
-    p, y = _pair(predictions, labels)
-    classes, inverse = np.unique(np.concatenate([p, y]), return_inverse=True)
-    p_idx, y_idx = inverse[: p.size], inverse[p.size :]
-    k = classes.size
-    confusion = np.zeros((k, k), dtype=np.float64)
-    np.add.at(confusion, (y_idx, p_idx), 1.0)
-    s = confusion.sum()
-    c = np.trace(confusion)
-    t = confusion.sum(axis=1)
-    pk = confusion.sum(axis=0)
-    denominator = np.sqrt((s * s - pk @ pk) * (s * s - t @ t))
-    return 0.0 if denominator == 0 else float((c * s - pk @ t) / denominator)
-
-
-def pearson(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Pearson correlation ``Σ(x−x̄)(y−ȳ) / sqrt(Σ(x−x̄)² Σ(y−ȳ)²)``; 0.0 when either side is constant."""
+def _finite_floats(predictions: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     x, y = (a.astype(np.float64) for a in _pair(predictions, labels))
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise ValueError("predictions and labels must be finite numbers")
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = np.sqrt(np.sum(dx * dx) * np.sum(dy * dy))
-    return 0.0 if denominator == 0 else float(np.clip(np.sum(dx * dy) / denominator, -1.0, 1.0))
+    return x, y
+
+
+def accuracy(predictions: ArrayLike, labels: ArrayLike) -> float:
+    """Fraction of positions where ``predictions == labels`` (``sklearn.metrics.accuracy_score``)."""
+    from sklearn.metrics import accuracy_score
+
+    p, y = _pair(predictions, labels)
+    return float(accuracy_score(y, p))
+
+
+def f1_score(predictions: ArrayLike, labels: ArrayLike, positive: int = 1) -> float:
+    """F1 of class ``positive`` against all others: ``2·TP / (2·TP + FP + FN)``; 0.0 when ``TP + FP + FN = 0``
+    (``sklearn.metrics.f1_score`` with ``labels=[positive]``, ``zero_division=0``)."""
+    from sklearn.metrics import f1_score as sk_f1_score
+
+    p, y = _pair(predictions, labels)
+    return float(sk_f1_score(y, p, labels=[positive], average="macro", zero_division=0.0))
+
+
+def matthews_corrcoef(predictions: ArrayLike, labels: ArrayLike) -> float:
+    """Matthews correlation coefficient, multi-class form (Gorodkin's R_K; ``sklearn.metrics.matthews_corrcoef``).
+
+    With ``s`` samples, ``c`` correct, ``t_k`` true and ``p_k`` predicted counts of class k:
+    ``MCC = (c·s − Σ p_k t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²))``; for two classes this equals
+    ``(TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))``. 0.0 when the denominator is zero
+    (constant predictions or constant labels).
+    """
+    from sklearn.metrics import matthews_corrcoef as sk_mcc
+
+    p, y = _pair(predictions, labels)
+    if _constant(p) or _constant(y):  # scikit-learn's value too, but it warns when only one class occurs
+        return 0.0
+    return float(sk_mcc(y, p))
+
+
+def pearson(predictions: ArrayLike, labels: ArrayLike) -> float:
+    """Pearson correlation ``Σ(x−x̄)(y−ȳ) / sqrt(Σ(x−x̄)² Σ(y−ȳ)²)`` (``scipy.stats.pearsonr``); 0.0 when
+    either side is constant."""
+    from scipy.stats import pearsonr
+
+    x, y = _finite_floats(predictions, labels)
+    if _constant(x) or _constant(y):
+        return 0.0
+    return float(pearsonr(x, y).statistic)
 
 
 def average_ranks(values: ArrayLike) -> np.ndarray:
-    """1-based ranks of ``values``; tied values all get the mean of the ranks they span.
+    """1-based ranks of ``values``; tied values all get the mean of the ranks they span
+    (``scipy.stats.rankdata(method="average")``).
 
     ``[10, 20, 20, 30] -> [1, 2.5, 2.5, 4]``.
     """
-    v = np.asarray(values)
-    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1
-    return (first_rank + (counts - 1) / 2.0)[inverse.reshape(-1)]
+    from scipy.stats import rankdata
+
+    return rankdata(np.asarray(values).reshape(-1), method="average")
 
 
 def spearman(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Spearman correlation: Pearson correlation of the average ranks (ties share their mean rank)."""
-    p, y = _pair(predictions, labels)
-    p, y = p.astype(np.float64), y.astype(np.float64)
-    if not (np.all(np.isfinite(p)) and np.all(np.isfinite(y))):
-        raise ValueError("predictions and labels must be finite numbers")
-    return pearson(average_ranks(p), average_ranks(y))
+    """Spearman correlation: Pearson correlation of the average ranks (ties share their mean rank;
+    ``scipy.stats.spearmanr``); 0.0 when either side is constant."""
+    from scipy.stats import spearmanr
+
+    x, y = _finite_floats(predictions, labels)
+    if _constant(x) or _constant(y):
+        return 0.0
+    return float(spearmanr(x, y).statistic)
 
 
 @register_metric("accuracy")

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..analysis.io import atomic_write_text, write_csv
+from ..analysis.io import write_csv
 from ..errors import DataError
+from ..fileio import atomic_write_text
 from .config import SweepConfig
 from .grid import GridPoint, budget_label, format_value, grid_points, point_dir
 from .runner import RESULTS_FILE

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..analysis.io import atomic_write_text
+from ..fileio import atomic_write_text
 from .config import SweepConfig
 from .grid import grid_points
 from .runner import CONFIG_SNAPSHOT_FILE, write_config_snapshot
