@@ -26,16 +26,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
-from ds_kdqat.distill import DistillConfig, build_objective  # noqa: E402
-from ds_kdqat.models.taps import forward_with_taps  # noqa: E402
+from ds_kdqat.distill import DistillConfig, PhaseSpan, build_objective, distill_phase, kd_forward  # noqa: E402
 from ds_kdqat.quant import QuantConfig, quantize_model  # noqa: E402
 
 
@@ -84,23 +80,20 @@ class KDStep:
         if quantize:
             quantize_model(student, QuantConfig())
         self.student = student.train()
-        self.objective = build_objective(DistillConfig(recipe=args.recipe), args.layers)
+        # the plain KD phase of the recipe (no interventions), as one step of the engine runs it
+        self.phase = distill_phase(PhaseSpan("kd", 0, 1), build_objective(DistillConfig(recipe=args.recipe),
+                                                                          args.layers), ())
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-5)
         self.teacher_context = torch.inference_mode if args.teacher_mode == "inference" else torch.no_grad
 
     def __call__(self, batch) -> dict[str, float]:
-        record, layers = self.objective.required_taps, self.objective.record_layers
+        marks: dict[str, float] = {}
         t0 = time.perf_counter()
-        with self.teacher_context():
-            teacher = forward_with_taps(self.teacher, batch, record, layers=layers)
-        t1 = time.perf_counter()
-        student = forward_with_taps(self.student, batch, record, layers=layers)
-        t2 = time.perf_counter()
-        loss, _ = self.objective(student, teacher)
-        # the loss graph keeps what its backward needs; dropping the taps frees the rest (e.g. both models'
-        # attention scores) before the backward's peak
-        del student, teacher
-        t3 = time.perf_counter()
+        # the step's forward half; it drops both models' taps before returning (the loss graph keeps what
+        # its backward needs), which frees e.g. the attention scores before the backward's peak
+        loss, _ = kd_forward(self.teacher, self.student, batch, self.phase, teacher_context=self.teacher_context,
+                             mark=lambda name: marks.__setitem__(name, time.perf_counter()))
+        t1, t2, t3 = marks["teacher_forward"], marks["student_forward"], marks["losses"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t4 = time.perf_counter()

@@ -11,15 +11,17 @@ Step accounting: a *micro batch* is what one rank processes in one forward; ``gr
 micro batches make one optimizer *step*. The loop's whole position is the global micro-batch counter, so a
 checkpoint at step s resumes with the same data order, RNG, optimizer and scheduler state as if it had not
 stopped (see :mod:`ds_kdqat.training.order` and :mod:`ds_kdqat.training.checkpoint`).
+
+The loop itself (:func:`run_loop`) only iterates micro batches and runs the step; logging, evaluation, the LAT
+update, checkpoints and stopping are callbacks (:mod:`ds_kdqat.training.callbacks`). The step's forward half is
+:func:`ds_kdqat.distill.step.kd_forward`; the phases are :mod:`ds_kdqat.distill.phases`.
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,55 +30,17 @@ from torch import nn
 from .config import RunConfig, ScheduleConfig
 from .data.metrics import compute_metrics
 from .data.tasks import TaskSpec
-from .models.taps import EncoderTaps, forward_with_taps
-from .quant import after_optimizer_step, lat_state, load_lat_state
-from .training import checkpoint
+from .distill.phases import Phase, phase_at
+from .distill.step import kd_forward, model_inputs
+from .training.callbacks import (Callback, Checkpoint, DevEvaluation, LatFold, LogWindow, LoopState, ProgressBar,
+                                 StopOnSignal, StopTraining)
 from .training.distributed import DistInfo
 from .training.logger import RunLog
 from .training.optim import build_optimizer, linear_warmup_decay, parameter_groups
 from .training.order import epoch_micro_batches, micro_batches_per_epoch
+from .training.zero import is_partitioned
 
-
-class Objective(Protocol):
-    """What a stage minimises; the taps each forward records are the :class:`Phase`'s business."""
-
-    def __call__(self, student: EncoderTaps, teacher: Optional[EncoderTaps], labels: torch.Tensor):
-        """Return ``(loss, terms)``: the scalar to minimise and each logged term (detached)."""
-
-
-@dataclass
-class Phase:
-    """A stretch of a stage's steps ``[start, end)``: its objective, what each forward records, and the
-    teacher interventions of the phase.
-
-    ``record``/``record_layers``: tap names and layers the student forward records (None = all layers);
-    ``teacher_record``/``teacher_layers``: the same for the teacher forward (the objective's taps plus what
-    the interventions are built from); ``interventions(teacher_taps)`` returns what replaces the student's
-    tensors in this phase, or None.
-    """
-
-    name: str
-    start: int
-    end: int
-    objective: Objective
-    record: frozenset = frozenset()
-    record_layers: Optional[tuple] = None
-    teacher_record: frozenset = frozenset()
-    teacher_layers: Optional[tuple] = None
-    interventions: Optional[Callable[[EncoderTaps], Any]] = None
-
-
-class SupervisedObjective:
-    """Cross-entropy (classification) or MSE (regression) against the gold labels; used to fine-tune."""
-
-    def __init__(self, regression: bool):
-        self.regression = regression
-
-    def __call__(self, student: EncoderTaps, teacher: Optional[EncoderTaps], labels: torch.Tensor):
-        from .distill.losses import ground_truth_cross_entropy, ground_truth_mse
-
-        loss = (ground_truth_mse if self.regression else ground_truth_cross_entropy)(student.logits, labels)
-        return loss, {"ground_truth": loss.detach(), "total": loss.detach()}
+__all__ = ["StageResult", "StopTraining", "TeacherStudentEngine", "ordered_micro_batches", "run_loop", "total_steps"]
 
 
 def total_steps(schedule: ScheduleConfig, num_examples: int, micro_batch: int, world: int, accumulation: int,
@@ -92,88 +56,8 @@ def total_steps(schedule: ScheduleConfig, num_examples: int, micro_batch: int, w
     return min(steps, schedule.max_steps) if schedule.max_steps else steps
 
 
-class _StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits.
-
-    So does the disappearance of the launcher above this rank (``deepspeed`` runner SIGTERMed): see
-    :mod:`ds_kdqat.training.watchdog`.
-    """
-
-    def __init__(self):
-        self.flag = False
-        self._previous = {}
-        self._unwatch = None
-
-    def __enter__(self):
-        from .training.watchdog import on_launcher_gone
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not in the main thread
-                pass
-        self._unwatch = on_launcher_gone(self._request)
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def _request(self):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        if self._unwatch is not None:
-            self._unwatch()
-
-    def agreed(self) -> bool:
-        """True on every rank when any rank was asked to stop (a collective)."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.flag
-        flag = torch.tensor([1.0 if self.flag else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-
-class StopTraining(SystemExit):
-    """Raised after a checkpoint was written because a stop signal arrived; exit status 143."""
-
-    def __init__(self):
-        super().__init__(143)
-
-
-def kd_phases(config, base_steps: int, num_layers: int, task_type: str) -> tuple[list[Phase], list[tuple[int, int]]]:
-    """The KD-QAT stage's phases from the distillation config (Teacher Intervention, then KD-QAT) and the
-    learning-rate segments: the TI step and the KD step each get their own warm-up and decay, as two
-    trainings do in the Teacher Intervention paper."""
-    from .distill import build_objective
-    from .distill.schedule import build_interventions, plan_training, teacher_record
-
-    objective = build_objective(config, num_layers, task_type)
-    plan = plan_training(config, base_steps)
-    intervene = config.ti.layers.resolve(num_layers) if config.is_teacher_intervention else ()
-    phases = []
-    for span in plan.phases:
-        names, layers = teacher_record(objective.required_taps, objective.record_layers, span.phase, intervene)
-
-        def build(taps, phase=span.phase):
-            return build_interventions(phase, taps, intervene)
-
-        phases.append(Phase(span.phase, span.start, span.end, objective, record=objective.required_taps,
-                            record_layers=objective.record_layers, teacher_record=names, teacher_layers=layers,
-                            interventions=build if span.phase != "kd" else None))
-    kd_start = next((p.start for p in phases if p.name == "kd"), plan.total_steps)
-    segments = [(0, kd_start), (kd_start, plan.total_steps)] if 0 < kd_start < plan.total_steps else None
-    return phases, segments
-
-
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 @dataclass
@@ -226,40 +110,17 @@ class TeacherStudentEngine:
         """True when the teacher's parameters are sharded across ranks (ZeRO-3 with partition_teacher)."""
         if self.teacher is None:
             return False
-        return any(hasattr(p, "ds_id") for p in self.teacher.parameters())
+        return is_partitioned(self.teacher)
 
     # -- one step ----------------------------------------------------------------------------------------
     def micro_step(self, batch: dict, phase: Phase) -> dict[str, float]:
-        """Forward both models on one micro batch, backward the student, and let DeepSpeed step at
-        accumulation boundaries. Returns the logged terms of this micro batch."""
-        batch = _to_device(batch, self.engine.device)
-        inputs, labels = _model_inputs(batch), batch["labels"]
-        teacher_taps = None
-        interventions = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_taps = forward_with_taps(self.teacher, inputs, record=phase.teacher_record,
-                                                 layers=phase.teacher_layers)
-            if phase.interventions is not None:
-                interventions = phase.interventions(teacher_taps)
-        student_taps = forward_with_taps(self.engine, inputs, record=phase.record, layers=phase.record_layers,
-                                         interventions=interventions)
-        loss, terms = phase.objective(student_taps, teacher_taps, labels)
-        # The teacher's taps (no graph) and the references to the student's are not needed for backward:
-        # dropping them here frees the teacher's tensors before the backward pass peaks.
-        del student_taps, teacher_taps, interventions
+        """Forward both models on one micro batch (:func:`~ds_kdqat.distill.step.kd_forward`), backward the
+        student, and let DeepSpeed step at accumulation boundaries. Returns the logged terms of this micro
+        batch."""
+        loss, terms = kd_forward(self.teacher, self.engine, _to_device(batch, self.engine.device), phase)
         self.engine.backward(loss)
         self.engine.step()
         return {name: float(value) for name, value in terms.items()}
-
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        """Average logged terms over ranks (collective), so the log describes the global batch."""
-        if self.dist.world_size == 1:
-            return values
-        keys = sorted(values)
-        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return {k: float(v) / self.dist.world_size for k, v in zip(keys, tensor.tolist())}
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -282,7 +143,7 @@ class TeacherStudentEngine:
             real = index < len(batches)
             chunk = batches[index] if real else batches[-1]
             batch = _to_device(dataset.collate_fn([dataset[i] for i in chunk]), self._device_of(model))
-            logits = model(**_model_inputs(batch)).logits.float()
+            logits = model(**model_inputs(batch)).logits.float()
             preds = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
             if real:
                 mine.extend(zip(chunk, preds.cpu().tolist()))
@@ -306,81 +167,74 @@ class TeacherStudentEngine:
         """Run (or resume) the stage to ``self.steps`` optimizer steps.
 
         ``on_best(metrics)`` is called (collectively) whenever the dev primary metric improves, so the
-        caller can save the best student.
+        caller can save the best student. Raises :class:`StopTraining` after checkpointing when asked to stop.
         """
-        run, info = self.run, self.dist
-        micro, accumulation = run.micro_batch_size, run.gradient_accumulation_steps
-        per_epoch = micro_batches_per_epoch(len(train_set), micro, info.world_size)
-        logging = run.kdqat.logging
-        eval_every = logging.eval_every or max(1, per_epoch // accumulation)
-        primary = self.spec.primary_metric
-
-        state, tensors = checkpoint.load(self.engine, ckpt_dir, info.rank)
-        state = state or {"micro": 0, "best": None, "best_metrics": {}, "last_metrics": {}}
-        if tensors:
-            load_lat_state(self.engine.module, tensors)
+        run, info, logging = self.run, self.dist, self.run.kdqat.logging
+        accumulation = run.gradient_accumulation_steps
+        per_epoch = micro_batches_per_epoch(len(train_set), run.micro_batch_size, info.world_size)
+        window = LogWindow(self.log, self.stage, logging.log_every, info.world_size,
+                           lambda: self.scheduler.get_last_lr()[0])
+        dev = DevEvaluation(lambda: self.evaluate(dev_set), self.log, self.stage,
+                            logging.eval_every or max(1, per_epoch // accumulation), self.spec.primary_metric,
+                            on_best)
+        saver = Checkpoint(self.engine, ckpt_dir, info.rank, logging.save_every, logging.keep_checkpoints,
+                           parts=(window, dev))
+        micro = saver.restore()
         # Rows of this stage past the restored step (all of them on a fresh start) are logged again.
-        self.log.truncate((self.stage,), state["micro"] // accumulation)
-        micro_done = state["micro"]
-        step = micro_done // accumulation
-        total_micro = self.steps * accumulation
-
-        progress = None
-        if info.is_main and logging.progress:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=self.steps, initial=step, desc=self.stage, dynamic_ncols=True)
-        # The running means of the current log window are part of the state, so that a run resumed in the
-        # middle of a window logs the same numbers as one that did not stop.
-        window = state.get("window", {"sums": {}, "count": 0})
-        sums, count = dict(window["sums"]), window["count"]
-        started = time.time()
+        self.log.truncate((self.stage,), micro // accumulation)
+        progress = [ProgressBar(self.stage)] if info.is_main and logging.progress else []
+        callbacks = [LatFold(self.engine), *progress, window, dev, StopOnSignal(), saver]
+        ids = ordered_micro_batches(len(train_set), run.micro_batch_size, info.rank, info.world_size,
+                                    run.kdqat.seed, micro)
+        batches = (train_set.collate_fn([train_set[i] for i in chunk]) for chunk in ids)
+        state = LoopState(micro=micro, step=micro // accumulation, total_steps=self.steps)
         self.engine.train()
-        with _StopRequested() as stop:
-            while micro_done < total_micro:
-                epoch, index = divmod(micro_done, per_epoch)
-                for ids in epoch_micro_batches(len(train_set), micro, info.rank, info.world_size,
-                                               run.kdqat.seed, epoch, start=index):
-                    phase = next(p for p in phases if p.start <= step < p.end)
-                    terms = self.micro_step(train_set.collate_fn([train_set[i] for i in ids]), phase)
-                    for key, value in terms.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    count += 1
-                    micro_done += 1
-                    if micro_done % accumulation:
-                        continue
-                    if self.engine.was_step_applied():
-                        after_optimizer_step(self.engine.module)  # LAT second moments (no-op without LAT)
-                    step += 1
-                    if progress is not None:
-                        progress.update(1)
-                        progress.set_postfix(loss=f"{terms['total']:.4f}", phase=phase.name)
-                    if step % logging.log_every == 0 or step == self.steps:
-                        means = self._mean_over_ranks({k: v / count for k, v in sums.items()})
-                        means["lr"] = self.scheduler.get_last_lr()[0]
-                        means["seconds"] = time.time() - started
-                        self.log.write(step, f"{self.stage}:{phase.name}", "train", means)
-                        sums, count = {}, 0
-                    if step % eval_every == 0 or step == self.steps:
-                        metrics = self.evaluate(dev_set)
-                        state["last_metrics"] = metrics
-                        self.log.write(step, f"{self.stage}:{phase.name}", "dev", metrics)
-                        if state["best"] is None or metrics[primary] > state["best"]:
-                            state["best"], state["best_metrics"] = metrics[primary], metrics
-                            on_best(metrics)
-                    stopping = stop.agreed()
-                    if step % logging.save_every == 0 or step == self.steps or stopping:
-                        state["micro"] = micro_done
-                        state["window"] = {"sums": sums, "count": count}
-                        checkpoint.save(self.engine, ckpt_dir, step, state, info.rank, logging.keep_checkpoints,
-                                        lat_state(self.engine.module))
-                    if stopping:
-                        if progress is not None:
-                            progress.close()
-                        raise StopTraining()
-                    if micro_done >= total_micro:
-                        break
-        if progress is not None:
-            progress.close()
-        return StageResult(best_metrics=state["best_metrics"],
-                           last_metrics=state["last_metrics"], steps=step)
+        run_loop(batches, self.micro_step, phases, state, accumulation, callbacks)
+        if state.stopping:
+            raise StopTraining()
+        return StageResult(best_metrics=dev.best_metrics, last_metrics=dev.last_metrics, steps=state.step)
+
+
+def ordered_micro_batches(num_examples: int, micro_batch: int, rank: int, world_size: int, seed: int,
+                          start: int) -> Iterator[list[int]]:
+    """This rank's micro batches (example indices) from global micro batch ``start`` on, epoch after epoch
+    (the order of :func:`~ds_kdqat.training.order.epoch_micro_batches`); endless."""
+    per_epoch = micro_batches_per_epoch(num_examples, micro_batch, world_size)
+    micro = start
+    while True:
+        epoch, index = divmod(micro, per_epoch)
+        for ids in epoch_micro_batches(num_examples, micro_batch, rank, world_size, seed, epoch, start=index):
+            yield ids
+            micro += 1
+
+
+def run_loop(batches: Iterator[Any], step: Callable[[Any, Phase], dict[str, float]], phases: Sequence[Phase],
+             state: LoopState, accumulation: int, callbacks: Sequence[Callback]) -> None:
+    """Run ``step`` on micro batches from ``batches`` until ``state.total_steps`` optimizer steps are done or
+    a callback sets ``state.stopping``.
+
+    ``step(batch, phase)`` returns the micro batch's logged terms (floats), ``phase`` being the one of
+    ``phases`` (in step order) that holds the current optimizer step; every ``accumulation`` micro batches
+    make one optimizer step. ``state`` (resumed or fresh) is updated in place: ``phase``, ``terms``,
+    ``micro`` and, at step ends, ``step``. Callbacks are called in order: ``on_micro_end`` after each micro batch,
+    ``on_step_end`` after each optimizer step, ``on_train_begin``/``on_train_end`` around the loop (the
+    latter however it ends).
+    """
+    total_micro = state.total_steps * accumulation
+    try:
+        for callback in callbacks:
+            callback.on_train_begin(state)
+        while state.micro < total_micro and not state.stopping:
+            state.phase = phase_at(phases, state.step)
+            state.terms = step(next(batches), state.phase)
+            state.micro += 1
+            for callback in callbacks:
+                callback.on_micro_end(state)
+            if state.micro % accumulation:
+                continue
+            state.step += 1
+            for callback in callbacks:
+                callback.on_step_end(state)
+    finally:
+        for callback in callbacks:
+            callback.on_train_end(state)

@@ -18,7 +18,6 @@ replaces or removes lies inside it and was written by ds-kdqat.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -38,7 +37,8 @@ from .models.paths import check_model_path
 from .data.loading import load_split
 from .data.encode import check_max_seq_length, encode
 from .data.tasks import TaskSpec, get_task
-from .engine import Phase, SupervisedObjective, TeacherStudentEngine, kd_phases, total_steps
+from .distill.phases import kd_phases, supervised_phases
+from .engine import TeacherStudentEngine, total_steps
 from .quant import QuantConfig, export_packed, quantize_model
 from .quant.student_files import quantize_saved_student, write_student_files
 from .fileio import atomic_write_json
@@ -46,6 +46,7 @@ from .training import checkpoint
 from .training.distributed import DistInfo, init_distributed
 from .training.logger import RunLog
 from .training.run_folder import RunFolder, claim_run_folder, run_fingerprint
+from .training.zero import gathered
 
 TEACHER_DONE = "done.json"
 
@@ -152,13 +153,8 @@ def save_hf(model, tokenizer, folder: str, info: DistInfo, quant_config: Optiona
     """Save ``model`` (possibly a ZeRO-3 partitioned engine module) in HF format on rank 0, atomically;
     a student (``quant_config`` given) also gets the files that rebuild it quantized
     (:mod:`ds_kdqat.quant.student_files`). Collective."""
-    from deepspeed import zero
-
     module = getattr(model, "module", model)
-    params = list(module.parameters())
-    partitioned = any(hasattr(p, "ds_id") for p in params)
-    context = zero.GatheredParameters(params, modifier_rank=None) if partitioned else contextlib.nullcontext()
-    with context:
+    with gathered(module):
         if info.is_main:
             tmp = temp_dir(folder)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -342,7 +338,7 @@ def finetune_teacher(ctx: JobContext) -> str:
     ctx.log.monitor = engine.engine.monitor
     result = engine.train(
         ctx.data.train, ctx.data.dev[ctx.dev_name],
-        [Phase("supervised", 0, steps, SupervisedObjective(ctx.spec.is_regression))], ckpt_dir,
+        supervised_phases(steps, ctx.spec.is_regression), ckpt_dir,
         on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, best_dir, info))
     if info.is_main:
         # done.json goes in before the folder takes its final name: a teacher/ folder without it is never

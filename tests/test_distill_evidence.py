@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from ds_kdqat.distill import DistillConfig, build_interventions, build_objective, plan_training, teacher_record
+from ds_kdqat.distill import DistillConfig, build_interventions, kd_forward, kd_phases, phase_at
 from ds_kdqat.distill.losses import logits_mse
 from ds_kdqat.models.taps import forward_with_taps
 from ds_kdqat.quant import QuantConfig, quantize_model
@@ -58,22 +58,15 @@ def evaluate(student, teacher, batches, objective):
 def train(recipe, steps):
     teacher, batches = teacher_and_batches()
     student = quantized_student(teacher).train()
-    config = DistillConfig(recipe=recipe)
-    objective = build_objective(config, num_layers=2)
-    plan = plan_training(config, base_steps=steps)
+    stage, _ = kd_phases(DistillConfig(recipe=recipe), base_steps=steps, num_layers=2, task_type="classification")
+    objective = stage[0].objective
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     before = evaluate(student, teacher, batches, objective)
     phases = set()
-    for step in range(plan.total_steps):
-        phase = plan.phase_at(step)
-        phases.add(phase)
-        b = batches[step % len(batches)]
-        names, layers = teacher_record(objective.required_taps, objective.record_layers, phase, (0, 1))
-        with torch.no_grad():
-            t = forward_with_taps(teacher, b, names, layers=layers)
-        s = forward_with_taps(student, b, objective.required_taps, build_interventions(phase, t),
-                              layers=objective.record_layers)
-        loss, terms = objective(s, t)
+    for step in range(stage[-1].end):
+        phase = phase_at(stage, step)
+        phases.add(phase.name)
+        loss, terms = kd_forward(teacher, student, batches[step % len(batches)], phase)  # the engine's step
         assert torch.isfinite(loss)
         optimizer.zero_grad()
         loss.backward()

@@ -7,7 +7,7 @@ import torch
 
 from ds_kdqat.distill import losses
 from ds_kdqat.distill.losses import (
-    LOSSES, attention_map_kl, attention_output_mse, attention_score_mse, context_mse, ground_truth_cross_entropy,
+    attention_map_kl, attention_output_mse, attention_score_mse, context_mse, ground_truth_cross_entropy,
     ground_truth_mse, hidden_mse, logits_mse, mha_output_mse, soft_cross_entropy,
 )
 
@@ -150,7 +150,15 @@ def test_shape_mismatch_is_an_error():
 
 
 def test_registry_names():
-    assert {"soft_cross_entropy", "logits_mse", "hidden_mse", "attention_output_mse", "mha_output_mse",
-            "context_mse", "attention_score_mse", "attention_map_kl", "ground_truth_cross_entropy",
-            "ground_truth_mse"} <= set(LOSSES)
-    assert LOSSES["attention_map_kl"] is attention_map_kl
+    # the loss functions are registered as the terms configs name (ds_kdqat.distill.terms.TERMS)
+    from ds_kdqat.distill.terms import TERMS, TermContext
+
+    assert {"pred", "ground_truth", "layer_output", "attention_score", "attention_map", "attention_output",
+            "mha_output", "context"} <= set(TERMS)
+    g = torch.Generator().manual_seed(0)
+    s = torch.softmax(torch.randn(2, 2, 3, 3, generator=g), -1)
+    t = torch.softmax(torch.randn(2, 2, 3, 3, generator=g), -1)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ctx = TermContext(mask, None, "classification", 1.0, 2.0)
+    assert TERMS["attention_map"].tap == "attention_maps" and TERMS["attention_map"].per_layer
+    assert torch.equal(TERMS["attention_map"].loss(s, t, ctx), attention_map_kl(s, t, mask, temperature=2.0))

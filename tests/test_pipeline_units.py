@@ -64,7 +64,7 @@ def test_kd_phases_of_teacher_intervention():
     import torch
 
     from ds_kdqat.distill.config import DistillConfig
-    from ds_kdqat.engine import kd_phases
+    from ds_kdqat.distill.phases import kd_phases
     from ds_kdqat.models.taps import EncoderTaps
 
     phases, segments = kd_phases(DistillConfig(recipe="ti_gradual"), base_steps=12, num_layers=2,

@@ -1,12 +1,19 @@
-"""Distillation core: KD losses, recipes (objectives over encoder taps) and Teacher-Intervention schedules."""
+"""Distillation core: KD loss terms (registered in ``TERMS``), recipes (compositions of terms, ``RECIPES``),
+the objective over encoder taps, Teacher-Intervention schedules, the phases of a training stage and the
+forward half of one step."""
 
 from .config import DistillConfig, LayerSelection, TeacherInterventionConfig, TermWeights, budget_multiplier
-from .losses import LOSSES
-from .recipes import RECIPES, DistillObjective, build_objective
-from .schedule import PhaseSpan, TrainingPlan, build_interventions, plan_training, teacher_record
+from .phases import Objective, Phase, SupervisedObjective, distill_phase, kd_phases, phase_at, supervised_phases
+from .recipes import RECIPES, DistillObjective, Recipe, build_objective, register_recipe
+from .schedule import PhaseSpan, TrainingPlan, build_interventions, find_span, plan_training, teacher_record
+from .step import kd_forward, model_inputs
+from .terms import TERMS, Term, TermContext, describe_terms, register_term
 
 __all__ = [
     "DistillConfig", "LayerSelection", "TeacherInterventionConfig", "TermWeights", "budget_multiplier",
-    "LOSSES", "RECIPES", "DistillObjective", "build_objective",
-    "PhaseSpan", "TrainingPlan", "build_interventions", "plan_training", "teacher_record",
+    "RECIPES", "DistillObjective", "Recipe", "build_objective", "register_recipe",
+    "TERMS", "Term", "TermContext", "describe_terms", "register_term",
+    "PhaseSpan", "TrainingPlan", "build_interventions", "find_span", "plan_training", "teacher_record",
+    "Objective", "Phase", "SupervisedObjective", "distill_phase", "kd_phases", "phase_at", "supervised_phases",
+    "kd_forward", "model_inputs",
 ]

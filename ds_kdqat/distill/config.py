@@ -5,33 +5,39 @@ Example (JSON)::
     {"recipe": "map_output", "unified": "SM1", "gamma": 0.5,
      "layers": {"mode": "uniform", "k": 4}, "weights": {"pred": 1.0, "ground_truth": 0.0},
      "budget": "O2"}
+
+Recipe names come from :data:`ds_kdqat.distill.recipes.RECIPES` and term names (``terms``, the keys of
+``weights``) from :data:`ds_kdqat.distill.terms.TERMS`, so a registered term is selected with
+``{"recipe": "custom", "terms": ["pred", "my_term"], "weights": {"my_term": 0.5}}``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 from ds_kdqat.errors import ConfigError
 
-RecipeName = Literal["ternarybert", "map", "output", "map_output", "custom", "ti_map", "ti_output", "ti_gradual"]
-KDRecipeName = Literal["ternarybert", "map", "output", "map_output", "custom"]
-TermName = Literal[
-    "pred", "ground_truth", "layer_output", "attention_score", "attention_map", "attention_output",
-    "mha_output", "context",
-]
-TI_RECIPES = ("ti_map", "ti_output", "ti_gradual")
+from .recipes import RECIPES, kd_recipe_names
+from .terms import TERMS
+
 BUDGETS = {"O": 1.0, "O2": 2.0, "O4": 4.0}
 
 
 def _allowed(values) -> str:
-    return ", ".join(f'"{v}"' for v in values)
+    return ", ".join(json.dumps(v) for v in values)
+
+
+def _check_name(value, allowed, path: str) -> None:
+    """``value`` is one of ``allowed`` (worded as configtools words a Literal)."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(path, f"got {json.dumps(value)}; allowed: {_allowed(allowed)}")
 
 
 def _check_literal(value, literal, path: str) -> None:
-    if value not in get_args(literal):
-        raise ConfigError(path, f"got {value!r}; allowed: {_allowed(get_args(literal))}")
+    _check_name(value, get_args(literal), path)
 
 
 def _check_positive(value: float, path: str) -> None:
@@ -89,26 +95,37 @@ class LayerSelection:
         return tuple(sorted(chosen))
 
 
-@dataclass
-class TermWeights:
-    """Weight of each loss term (multiplies the term; 0 switches it off).
+class TermWeights(dict):
+    """Weight of each loss term, ``{term: weight}`` (multiplies the term; 0 switches it off).
 
-    A recipe decides which terms take part; ``ground_truth`` (cross-entropy / MSE against the labels) is
-    added to any recipe when its weight is > 0.
+    Holds every registered term (:data:`ds_kdqat.distill.terms.TERMS`) at its default weight (1; 0 for
+    ``ground_truth``) unless given; a term registered later reads as its default. Items are also attributes
+    (``weights.pred``). A recipe decides which terms take part; ``ground_truth`` (cross-entropy / MSE against
+    the labels) is added to any recipe when its weight is > 0.
     """
 
-    pred: float = 1.0
-    ground_truth: float = 0.0
-    layer_output: float = 1.0
-    attention_score: float = 1.0
-    attention_map: float = 1.0
-    attention_output: float = 1.0
-    mha_output: float = 1.0
-    context: float = 1.0
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__({name: term.default_weight for name, term in TERMS.items()})
+        self.update(*args, **kwargs)
+
+    def weight(self, term: str) -> float:
+        """The weight of ``term`` (its registered default when not set)."""
+        if term in self:
+            return self[term]
+        return TERMS[term].default_weight
+
+    def __getattr__(self, name: str) -> float:
+        if name in self or name in TERMS:
+            return self.weight(name)
+        raise AttributeError(f"{type(self).__name__} has no term {name!r}")
+
+    def __setattr__(self, name: str, value: float) -> None:
+        self[name] = value
 
     def validate(self, path: str = "weights") -> None:
-        for name in get_args(TermName):
-            value = getattr(self, name)
+        for name, value in self.items():
+            if name not in TERMS:
+                raise ConfigError(f"{path}.{name}", f"unknown key; allowed keys: {', '.join(sorted(TERMS))}")
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
                     or value < 0:
                 raise ConfigError(f"{path}.{name}", f"got {value!r}; expected a finite number >= 0")
@@ -126,7 +143,7 @@ class TeacherInterventionConfig:
 
     step_fraction: float = 1.0 / 3.0
     output_fraction: float = 0.5
-    kd_recipe: KDRecipeName = "ternarybert"
+    kd_recipe: str = "ternarybert"
     layers: LayerSelection = field(default_factory=LayerSelection)
 
     def validate(self, path: str = "ti") -> None:
@@ -134,7 +151,7 @@ class TeacherInterventionConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{path}.{name}", f"got {value!r}; expected a number in [0, 1]")
-        _check_literal(self.kd_recipe, KDRecipeName, f"{path}.kd_recipe")
+        _check_name(self.kd_recipe, kd_recipe_names(), f"{path}.kd_recipe")
         self.layers.validate(f"{path}.layers")
         if self.layers.include_embedding is not True:
             raise ConfigError(f"{path}.layers.include_embedding", "has no meaning for intervention layers")
@@ -150,38 +167,46 @@ class DistillConfig:
       (``unified`` SM1 = map + γ·output, SM2 = output + γ·map, γ = ``gamma``) instead; ``custom`` the
       terms listed in ``terms``; ``ti_map`` / ``ti_output`` / ``ti_gradual`` Teacher Intervention (see
       :class:`TeacherInterventionConfig`) with the ``ti.kd_recipe`` loss.
+    Recipes are registered in :data:`ds_kdqat.distill.recipes.RECIPES`; ``terms`` and the keys of ``weights``
+    name terms registered in :data:`ds_kdqat.distill.terms.TERMS`.
     ``temperature``: of the soft cross-entropy on logits; ``map_temperature``: of the attention-map KL.
     ``budget``: total steps as a multiple of the base schedule: ``"O"`` (1×), ``"O2"``, ``"O4"`` or a
     number > 0.
     """
 
-    recipe: RecipeName = "ternarybert"
+    recipe: str = "ternarybert"
     temperature: float = 1.0
     map_temperature: float = 1.0
     layers: LayerSelection = field(default_factory=LayerSelection)
-    weights: TermWeights = field(default_factory=TermWeights)
+    weights: dict[str, float] = field(default_factory=TermWeights)
     gamma: float = 0.5
     unified: Literal["SM1", "SM2"] = "SM1"
-    terms: list[TermName] = field(default_factory=list)
+    terms: list[str] = field(default_factory=list)
     ti: TeacherInterventionConfig = field(default_factory=TeacherInterventionConfig)
     budget: float | str = "O"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, TermWeights) and isinstance(self.weights, dict):
+            self.weights = TermWeights(self.weights)
+
     def validate(self, path: str = "distill") -> None:
-        _check_literal(self.recipe, RecipeName, f"{path}.recipe")
+        _check_name(self.recipe, tuple(RECIPES), f"{path}.recipe")
         _check_positive(self.temperature, f"{path}.temperature")
         _check_positive(self.map_temperature, f"{path}.map_temperature")
         self.layers.validate(f"{path}.layers")
+        if not isinstance(self.weights, TermWeights):
+            raise ConfigError(f"{path}.weights", f"got {self.weights!r}; expected an object of term weights")
         self.weights.validate(f"{path}.weights")
         if not isinstance(self.gamma, (int, float)) or isinstance(self.gamma, bool) or not math.isfinite(self.gamma) \
                 or self.gamma < 0:
             raise ConfigError(f"{path}.gamma", f"got {self.gamma!r}; expected a finite number >= 0")
         _check_literal(self.unified, Literal["SM1", "SM2"], f"{path}.unified")
         for position, term in enumerate(self.terms):
-            _check_literal(term, TermName, f"{path}.terms[{position}]")
-        uses_custom = self.recipe == "custom" or (self.recipe in TI_RECIPES and self.ti.kd_recipe == "custom")
+            _check_name(term, tuple(TERMS), f"{path}.terms[{position}]")
+        uses_custom = self.kd_recipe == "custom"
         if uses_custom and not self.terms:
             raise ConfigError(f"{path}.terms", "the \"custom\" recipe needs a non-empty list of terms; allowed: "
-                              + _allowed(get_args(TermName)))
+                              + _allowed(TERMS))
         if not uses_custom and self.terms:
             raise ConfigError(f"{path}.terms", f"is only used by the \"custom\" recipe (recipe is \"{self.recipe}\")")
         self.ti.validate(f"{path}.ti")
@@ -189,7 +214,8 @@ class DistillConfig:
 
     @property
     def is_teacher_intervention(self) -> bool:
-        return self.recipe in TI_RECIPES
+        recipe = RECIPES.get(self.recipe)
+        return recipe is not None and recipe.teacher_intervention
 
     @property
     def kd_recipe(self) -> str:

@@ -1,4 +1,5 @@
-"""Knowledge-distillation losses over encoder taps, and the registry that names them for configs.
+"""Knowledge-distillation losses over encoder taps (pure tensor functions; the terms that configs name, and
+which tap each loss reads, are registered in :mod:`ds_kdqat.distill.terms`).
 
 Notation: B batch, S sequence, H heads, D features, C classes; ``attention_mask`` is (B, S) with 1/True for
 a real token and 0/False for padding. Each function returns a scalar tensor.
@@ -20,7 +21,7 @@ How padding is treated (padding never counts):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -193,33 +194,3 @@ def ground_truth_mse(logits: Tensor, labels: Tensor) -> Tensor:
     prediction = logits.squeeze(-1) if logits.dim() == labels.dim() + 1 else logits
     _check_same_shape(prediction, labels, "ground_truth_mse")
     return (prediction - labels.to(prediction.dtype)).pow(2).mean()
-
-
-# Config name -> loss function. Hidden/score/map losses take (student, teacher, attention_mask[, temperature]).
-LOSSES: dict[str, Callable[..., Tensor]] = {}
-
-
-def register_loss(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is registered twice")
-        LOSSES[name] = fn
-        return fn
-
-    return decorate
-
-
-for _name, _fn in {
-    "soft_cross_entropy": soft_cross_entropy,
-    "logits_mse": logits_mse,
-    "hidden_mse": hidden_mse,
-    "layer_output_mse": layer_output_mse,
-    "attention_output_mse": attention_output_mse,
-    "mha_output_mse": mha_output_mse,
-    "context_mse": context_mse,
-    "attention_score_mse": attention_score_mse,
-    "attention_map_kl": attention_map_kl,
-    "ground_truth_cross_entropy": ground_truth_cross_entropy,
-    "ground_truth_mse": ground_truth_mse,
-}.items():
-    register_loss(_name)(_fn)

@@ -1,112 +1,126 @@
-"""Recipes: which loss terms pull on the student, and the objective that evaluates them on taps.
+"""Recipes: compositions of loss terms with coefficients, and the objective that evaluates them on taps.
 
-A recipe maps a :class:`DistillConfig` to ``{term: coefficient}``; the objective multiplies each
-coefficient by the term's weight (``config.weights``), drops zero terms, and sums
+A recipe maps a :class:`DistillConfig` to ``{term: coefficient}`` over the registered terms
+(:data:`ds_kdqat.distill.terms.TERMS`); the objective adds the terms that are in every recipe
+(``ground_truth``) with coefficient 1, multiplies each coefficient by the term's weight (``config.weights``),
+drops zero terms, and sums
 
     loss = Σ_term coefficient · weight · value(term),
 
 where a per-layer term's value is the *sum* over the selected layers of its per-layer loss (TernaryBERT's
-Σ_l form). ``layer_output`` covers the embedding output ``X_0`` (if ``layers.include_embedding``) and
-``X_{l+1}`` of each selected layer ``l``.
+Σ_l form); :mod:`ds_kdqat.distill.terms` says which taps each term reads and how it treats padding.
 
-Terms and their losses (classification / regression):
-
-==================  ==========================  =====================  ==========================
-term                tap                         loss                   per layer
-==================  ==========================  =====================  ==========================
-pred                logits                      soft_cross_entropy(τ)  / logits_mse
-ground_truth        logits, labels              ground_truth_cross_entropy / ground_truth_mse
-layer_output        layer_outputs               layer_output_mse       yes
-attention_score     attention_scores            attention_score_mse    yes
-attention_map       attention_maps              attention_map_kl(τ_m)  yes
-attention_output    attention_outputs           attention_output_mse   yes
-mha_output          mha_outputs                 mha_output_mse         yes
-context             contexts                    context_mse            yes
-==================  ==========================  =====================  ==========================
+=============  ====================================================================================
+recipe         terms (coefficient 1 unless given)
+=============  ====================================================================================
+ternarybert    pred, layer_output, attention_score
+map            pred, layer_output, attention_map
+output         pred, layer_output, attention_output
+map_output     pred, layer_output + SM1: attention_map, γ·attention_output / SM2: attention_output,
+               γ·attention_map
+custom         the terms listed in ``distill.terms`` (any registered term)
+ti_map,        Teacher Intervention (:mod:`ds_kdqat.distill.schedule`) with the terms of ``ti.kd_recipe``
+ti_output,
+ti_gradual
+=============  ====================================================================================
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal, Optional
 
 import torch
 
 from ds_kdqat.errors import ConfigError
 from ds_kdqat.models.taps import EncoderTaps
 
-from . import losses
-from .config import DistillConfig
+from .terms import TERMS, Term, TermContext
+
+if TYPE_CHECKING:
+    from .config import DistillConfig
 
 TaskType = Literal["classification", "regression"]
-
-TERM_TAPS: dict[str, str] = {
-    "pred": "logits",
-    "ground_truth": "logits",
-    "layer_output": "layer_outputs",
-    "attention_score": "attention_scores",
-    "attention_map": "attention_maps",
-    "attention_output": "attention_outputs",
-    "mha_output": "mha_outputs",
-    "context": "contexts",
-}
-PER_LAYER_TERMS = {
-    "attention_score": losses.attention_score_mse,
-    "attention_map": losses.attention_map_kl,
-    "attention_output": losses.attention_output_mse,
-    "mha_output": losses.mha_output_mse,
-    "context": losses.context_mse,
-}
-
-# Recipe name -> function giving {term: coefficient} (before weights).
-RECIPES: dict[str, Callable[[DistillConfig], dict[str, float]]] = {}
+Composition = Callable[["DistillConfig"], dict[str, float]]
 
 
-def register_recipe(*names: str):
-    def decorate(fn: Callable[[DistillConfig], dict[str, float]]) -> Callable[[DistillConfig], dict[str, float]]:
+@dataclass(frozen=True)
+class Recipe:
+    """A named composition ``config -> {term: coefficient}``; ``teacher_intervention``: the recipe runs a
+    Teacher-Intervention step first (its terms are those of ``ti.kd_recipe``)."""
+
+    name: str
+    compose: Composition
+    teacher_intervention: bool = False
+
+    def __call__(self, config: "DistillConfig") -> dict[str, float]:
+        return self.compose(config)
+
+
+# recipe name -> record, in registration order (the order error messages list them in)
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(*names: str, teacher_intervention: bool = False) -> Callable[[Composition], Composition]:
+    """Decorator: register the decorated ``config -> {term: coefficient}`` function under each of ``names``."""
+
+    def decorate(fn: Composition) -> Composition:
         for name in names:
-            RECIPES[name] = fn
+            if name in RECIPES:
+                raise ValueError(f"recipe {name!r} is registered twice")
+            RECIPES[name] = Recipe(name, fn, teacher_intervention)
         return fn
 
     return decorate
 
 
+def kd_recipe_names() -> tuple[str, ...]:
+    """Recipes that are a loss (allowed as ``ti.kd_recipe``): all but the Teacher-Intervention ones."""
+    return tuple(name for name, recipe in RECIPES.items() if not recipe.teacher_intervention)
+
+
 @register_recipe("ternarybert")
-def _ternarybert(config: DistillConfig) -> dict[str, float]:
+def _ternarybert(config: "DistillConfig") -> dict[str, float]:
     return {"pred": 1.0, "layer_output": 1.0, "attention_score": 1.0}
 
 
 @register_recipe("map")
-def _map(config: DistillConfig) -> dict[str, float]:
+def _map(config: "DistillConfig") -> dict[str, float]:
     return {"pred": 1.0, "layer_output": 1.0, "attention_map": 1.0}
 
 
 @register_recipe("output")
-def _output(config: DistillConfig) -> dict[str, float]:
+def _output(config: "DistillConfig") -> dict[str, float]:
     return {"pred": 1.0, "layer_output": 1.0, "attention_output": 1.0}
 
 
 @register_recipe("map_output")
-def _map_output(config: DistillConfig) -> dict[str, float]:
+def _map_output(config: "DistillConfig") -> dict[str, float]:
     if config.unified == "SM1":  # map + γ·output
         return {"pred": 1.0, "layer_output": 1.0, "attention_map": 1.0, "attention_output": config.gamma}
     return {"pred": 1.0, "layer_output": 1.0, "attention_output": 1.0, "attention_map": config.gamma}
 
 
 @register_recipe("custom")
-def _custom(config: DistillConfig) -> dict[str, float]:
+def _custom(config: "DistillConfig") -> dict[str, float]:
     return {term: 1.0 for term in config.terms}
 
 
-@register_recipe("ti_map", "ti_output", "ti_gradual")
-def _teacher_intervention(config: DistillConfig) -> dict[str, float]:
+@register_recipe("ti_map", "ti_output", "ti_gradual", teacher_intervention=True)
+def _teacher_intervention(config: "DistillConfig") -> dict[str, float]:
     return RECIPES[config.ti.kd_recipe](config)
 
 
-def term_coefficients(config: DistillConfig) -> dict[str, float]:
+def term_coefficients(config: "DistillConfig") -> dict[str, float]:
     """{term: coefficient · weight} of the terms that take part (non-zero), in a stable order."""
     base = dict(RECIPES[config.recipe](config))
-    base.setdefault("ground_truth", 1.0)  # on when its weight > 0
-    weighted = {term: coefficient * getattr(config.weights, term) for term, coefficient in base.items()}
+    unknown = [term for term in base if term not in TERMS]
+    if unknown:
+        raise ValueError(f"recipe {config.recipe!r} names unregistered loss terms {unknown}")
+    for name, term in TERMS.items():
+        if term.in_every_recipe:
+            base.setdefault(name, 1.0)  # on when its weight > 0
+    weighted = {term: coefficient * config.weights.weight(term) for term, coefficient in base.items()}
     return {term: value for term, value in weighted.items() if value != 0.0}
 
 
@@ -137,36 +151,24 @@ class DistillObjective:
         self.task_type = task_type
         self.temperature = temperature
         self.map_temperature = map_temperature
-        self.required_taps = frozenset(TERM_TAPS[t] for t in coefficients) - {"logits"}
+        self.terms: dict[str, Term] = {name: TERMS[name] for name in coefficients}
+        self.required_taps = frozenset(term.tap for term in self.terms.values()) - {"logits"}
         self.record_layers = layers
-        self.needs_labels = "ground_truth" in coefficients
+        self.needs_labels = any(term.needs_labels for term in self.terms.values())
 
-    def term_value(self, term: str, student: EncoderTaps, teacher: EncoderTaps,
+    def term_value(self, term: str, student: EncoderTaps, teacher: Optional[EncoderTaps],
                    labels: Optional[torch.Tensor]) -> torch.Tensor:
         """The unweighted value of ``term``."""
-        mask = student.attention_mask
-        if term == "pred":
-            if student.logits is None or teacher.logits is None:
-                raise ValueError("term 'pred' needs logits; the model has no task head")
-            if self.task_type == "regression":
-                return losses.logits_mse(student.logits, teacher.logits)
-            return losses.soft_cross_entropy(student.logits, teacher.logits, self.temperature)
-        if term == "ground_truth":
-            if labels is None:
-                raise ValueError("term 'ground_truth' (weights.ground_truth > 0) needs labels")
-            if self.task_type == "regression":
-                return losses.ground_truth_mse(student.logits, labels)
-            return losses.ground_truth_cross_entropy(student.logits, labels)
-        if term == "layer_output":
-            indices = ([0] if self.include_embedding else []) + [l + 1 for l in self.layers]
-            return sum(losses.layer_output_mse(student.get("layer_outputs", i), teacher.get("layer_outputs", i),
-                                               mask) for i in indices)
-        fn = PER_LAYER_TERMS[term]
-        tap = TERM_TAPS[term]
-        extra = {"temperature": self.map_temperature} if term == "attention_map" else {}
-        return sum(fn(student.get(tap, l), teacher.get(tap, l), mask, **extra) for l in self.layers)
+        spec = self.terms[term]
+        if spec.needs_labels and labels is None:
+            raise ValueError(f"term {term!r} (weights.{term} > 0) needs labels")
+        ctx = TermContext(student.attention_mask, labels, self.task_type, self.temperature, self.map_temperature)
+        if not spec.per_layer:
+            return spec.loss(getattr(student, spec.tap), None if teacher is None else getattr(teacher, spec.tap), ctx)
+        return sum(spec.loss(student.get(spec.tap, i), teacher.get(spec.tap, i), ctx)
+                   for i in spec.indices(self.layers, self.include_embedding))
 
-    def __call__(self, student: EncoderTaps, teacher: EncoderTaps,
+    def __call__(self, student: EncoderTaps, teacher: Optional[EncoderTaps],
                  labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, terms): terms holds each term's unweighted value and ``total`` (= loss), all detached."""
         total = None
@@ -179,7 +181,7 @@ class DistillObjective:
         return total, terms
 
 
-def build_objective(config: DistillConfig, num_layers: int, task_type: TaskType = "classification",
+def build_objective(config: "DistillConfig", num_layers: int, task_type: TaskType = "classification",
                     path: str = "distill") -> DistillObjective:
     """The objective of ``config`` for a model with ``num_layers`` transformer layers."""
     config.validate(path)

@@ -18,19 +18,20 @@ term keeps training Q and K under TI-M, and the attention terms train the MHA su
 
 The paper runs the TI step and the KD step as two trainings (the KD step has its own learning-rate
 schedule); :attr:`PhaseSpan.start` lets the engine restart its schedule at a phase boundary if it wants to.
+A stage without a teacher (fine-tuning) has one ``supervised`` span; it is never part of a plan.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Protocol, Sequence, TypeVar
 
 from ds_kdqat.models.taps import EncoderTaps, Interventions
 
 from .config import DistillConfig, budget_multiplier
 
-PhaseName = Literal["ti_output", "ti_map", "kd"]
+PhaseName = Literal["ti_output", "ti_map", "kd", "supervised"]
 
 # Phase -> the teacher tap its interventions are built from.
 INTERVENTION_TAPS: dict[str, frozenset[str]] = {
@@ -53,18 +54,33 @@ class PhaseSpan:
         return self.end - self.start
 
 
+class _Spanned(Protocol):
+    start: int
+    end: int
+
+
+S = TypeVar("S", bound=_Spanned)
+
+
+def find_span(spans: Sequence[S], step: int) -> S:
+    """The first of ``spans`` (anything with 0-based ``start``/``end``: a :class:`PhaseSpan`, a phase built
+    on one) with ``start <= step < end``; ValueError when none holds ``step``."""
+    for span in spans:
+        if span.start <= step < span.end:
+            return span
+    raise ValueError(f"no span holds step {step}")
+
+
 @dataclass(frozen=True)
 class TrainingPlan:
     phases: tuple[PhaseSpan, ...]
     total_steps: int
 
     def span_at(self, step: int) -> PhaseSpan:
+        """The span of 0-based ``step``."""
         if not 0 <= step < self.total_steps:
             raise ValueError(f"step {step} is outside the plan's steps 0..{self.total_steps - 1}")
-        for span in self.phases:
-            if span.start <= step < span.end:
-                return span
-        raise AssertionError("phases do not cover the plan")  # pragma: no cover
+        return find_span(self.phases, step)
 
     def phase_at(self, step: int) -> PhaseName:
         """The phase of 0-based ``step``."""

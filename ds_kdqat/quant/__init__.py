@@ -9,6 +9,8 @@ Typical use::
     model = load_packed("out/packed", make_fp32_model)     # logits equal the exported student's
 
 LAT's second moment, and what the training loop must do for it, is described in :mod:`ds_kdqat.quant.modules`.
+Quantization methods (TWN, LAT, binary, uniform, LSQ) are classes registered in
+:data:`ds_kdqat.quant.methods.QUANT_METHODS`; config validation, the modules and the export all read it.
 """
 
 from ds_kdqat.quant.config import (
@@ -27,6 +29,9 @@ from ds_kdqat.quant.functional import (
     dequantize_parts,
     lat_parts,
     lat_ternarize,
+    lsq_initial_step,
+    lsq_parts,
+    lsq_quantize,
     straight_through,
     twn_parts,
     twn_ternarize,
@@ -34,14 +39,16 @@ from ds_kdqat.quant.functional import (
     uniform_quantize,
 )
 from ds_kdqat.quant.lat import after_optimizer_step, lat_state, load_lat_state
+from ds_kdqat.quant.methods import QUANT_METHODS, QuantMethod, register_method
 from ds_kdqat.quant.modules import ActQuantizer, QuantEmbedding, QuantLinear, WeightQuantizer
 from ds_kdqat.quant.presets import PRESETS
 
 __all__ = [
-    "ActQuantizer", "AttentionActConfig", "GroupConfig", "LatConfig", "PRESETS", "QuantConfig", "QuantEmbedding",
-    "QuantEntry", "QuantLinear", "QuantParts", "QuantReport", "SizeReport", "WeightQuantizer",
-    "after_optimizer_step", "binarize", "binary_parts", "dequantize_parts", "export_packed", "lat_parts",
-    "lat_state", "lat_ternarize", "load_lat_state", "load_packed", "model_quant_config", "quant_config_from_dict",
-    "quantize_model", "quantized_weights", "read_manifest", "size_report", "straight_through", "twn_parts",
-    "twn_ternarize", "uniform_parts", "uniform_quantize",
+    "ActQuantizer", "AttentionActConfig", "GroupConfig", "LatConfig", "PRESETS", "QUANT_METHODS", "QuantConfig",
+    "QuantEmbedding", "QuantEntry", "QuantLinear", "QuantMethod", "QuantParts", "QuantReport", "SizeReport",
+    "WeightQuantizer", "after_optimizer_step", "binarize", "binary_parts", "dequantize_parts", "export_packed",
+    "lat_parts", "lat_state", "lat_ternarize", "load_lat_state", "load_packed", "lsq_initial_step", "lsq_parts",
+    "lsq_quantize", "model_quant_config", "quant_config_from_dict", "quantize_model", "quantized_weights",
+    "read_manifest", "register_method", "size_report", "straight_through", "twn_parts", "twn_ternarize",
+    "uniform_parts", "uniform_quantize",
 ]

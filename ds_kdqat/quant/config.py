@@ -17,30 +17,26 @@ module unless the group says ``optional: true``, and a module matched by two gro
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from ds_kdqat.configtools import is_int
+from ds_kdqat.configtools import from_dict, is_int
 from ds_kdqat.errors import ConfigError
+from ds_kdqat.quant.methods import QUANT_METHODS, activation_methods, weight_methods
+from ds_kdqat.quant.presets import PRESETS
 
-Method = Literal["twn", "lat", "binary", "uniform"]
 Granularity = Literal["layer", "row"]
 Mode = Literal["minmax", "symmetric"]
 AttentionPoint = Literal["query", "key", "value", "map"]
 
-METHODS = typing.get_args(Method)
 GRANULARITIES = typing.get_args(Granularity)
 MODES = typing.get_args(Mode)
 ATTENTION_POINTS = typing.get_args(AttentionPoint)
-# bits each method stores per weight; uniform takes 2..8 (codes are packed into bytes at export)
-METHOD_BITS = {"twn": (2,), "lat": (2,), "binary": (1,), "uniform": tuple(range(2, 9))}
-METHOD_DEFAULT_BITS = {"twn": 2, "lat": 2, "binary": 1, "uniform": 8}
-ACT_BITS = tuple(range(2, 17))
 DEFAULT_PATH = "kdqat.quant"
-
 
 
 def _check_choice(value: Any, allowed: tuple, path: str) -> None:
@@ -61,21 +57,46 @@ def _check_bits(value: Any, allowed: tuple, path: str, what: str) -> None:
                           if len(allowed) > 1 else f"got {value!r}, expected {what} {allowed[0]}")
 
 
+def _check_registered(value: Any, allowed: tuple[str, ...], path: str) -> None:
+    """A method name from the registry (:data:`ds_kdqat.quant.methods.QUANT_METHODS`), in the Literal's wording."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(path, f"got {json.dumps(value)}; allowed: {', '.join(json.dumps(a) for a in allowed)}")
+
+
+def _check_activation(method: Any, bits: Any, mode: Any, clip: Any, path: str, names: tuple[str, str, str, str]
+                      ) -> None:
+    """Validate one activation setting (method, bits, mode, clip) against its registered method; ``names`` are
+    the four keys' names under ``path``."""
+    _check_registered(method, activation_methods(), f"{path}.{names[0]}")
+    cls = QUANT_METHODS[method]
+    if bits is not None:
+        _check_bits(bits, cls.act_bits, f"{path}.{names[1]}", "null (off) or an int")
+    _check_choice(mode, MODES, f"{path}.{names[2]}")
+    if mode not in cls.modes:
+        raise ConfigError(f"{path}.{names[2]}", f"got {json.dumps(mode)}; method {json.dumps(method)} supports "
+                          + ", ".join(json.dumps(m) for m in cls.modes))
+    _check_clip(clip, f"{path}.{names[3]}")
+    if clip is not None and not cls.supports_clip:
+        raise ConfigError(f"{path}.{names[3]}", f"got {clip!r}; method {json.dumps(method)} takes no clip (null)")
+
+
 @dataclass
 class GroupConfig:
     """One group of modules quantized the same way.
 
-    ``patterns``: regexes over module names; ``method``: twn | lat (ternary, 2 bits) | binary (1 bit) |
-    uniform (``bits`` 2..8, ``mode`` symmetric or minmax); ``bits`` None = the method's own (2, 2, 1, 8);
-    ``granularity``: one scale per ``layer`` (matrix) or per ``row`` (dim 0); ``clip``: clamp weights to ±clip
-    before quantizing (gradient zero outside). Activations at the input of each linear in the group:
-    ``act_bits`` (None = not quantized), ``act_mode``, ``act_clip``; must be None for embeddings (their
-    input is token ids). ``optional``: the group may match no module (presets use it for parts some
-    architectures lack, e.g. the word embedding of ViT).
+    ``patterns``: regexes over module names; ``method``: a registered weight method
+    (:mod:`ds_kdqat.quant.methods`): twn | lat (ternary, 2 bits) | binary (1 bit) | uniform (``bits`` 2..8,
+    ``mode`` symmetric or minmax); ``bits`` None = the method's own (2, 2, 1, 8); ``granularity``: one scale
+    per ``layer`` (matrix) or per ``row`` (dim 0); ``clip``: clamp weights to ±clip before quantizing (gradient
+    zero outside). Activations at the input of each linear in the group: ``act_bits`` (None = not quantized;
+    must be None for embeddings, whose input is token ids), ``act_method`` (a registered activation method:
+    ``uniform``, the current batch's statistics with ``act_mode`` minmax or symmetric and ``act_clip``; or
+    ``lsq``, a learned step size, with ``act_mode: "symmetric"`` and no clip). ``optional``: the group may
+    match no module (presets use it for parts some architectures lack, e.g. the word embedding of ViT).
     """
 
     patterns: list[str] = field(default_factory=list)
-    method: Method = "twn"
+    method: str = "twn"
     bits: Optional[int] = None
     granularity: Granularity = "layer"
     mode: Mode = "symmetric"
@@ -83,11 +104,12 @@ class GroupConfig:
     act_bits: Optional[int] = 8
     act_mode: Mode = "minmax"
     act_clip: Optional[float] = None
+    act_method: str = "uniform"
     optional: bool = False
 
     @property
     def weight_bits(self) -> int:
-        return self.bits if self.bits is not None else METHOD_DEFAULT_BITS[self.method]
+        return self.bits if self.bits is not None else QUANT_METHODS[self.method].default_bits
 
     def validate(self, path: str = f"{DEFAULT_PATH}.groups[0]") -> None:
         if not isinstance(self.patterns, list) or not self.patterns:
@@ -99,17 +121,15 @@ class GroupConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"{path}.patterns[{j}]", f"invalid regex {pattern!r}: {err}") from None
-        _check_choice(self.method, METHODS, f"{path}.method")
+        _check_registered(self.method, weight_methods(), f"{path}.method")
         if self.bits is not None:
-            allowed = METHOD_BITS[self.method]
+            allowed = QUANT_METHODS[self.method].weight_bits
             _check_bits(self.bits, allowed, f"{path}.bits", f"null or, for method {self.method!r},")
         _check_choice(self.granularity, GRANULARITIES, f"{path}.granularity")
         _check_choice(self.mode, MODES, f"{path}.mode")
         _check_clip(self.clip, f"{path}.clip")
-        if self.act_bits is not None:
-            _check_bits(self.act_bits, ACT_BITS, f"{path}.act_bits", "null (off) or an int")
-        _check_choice(self.act_mode, MODES, f"{path}.act_mode")
-        _check_clip(self.act_clip, f"{path}.act_clip")
+        _check_activation(self.act_method, self.act_bits, self.act_mode, self.act_clip, path,
+                          ("act_method", "act_bits", "act_mode", "act_clip"))
         if not isinstance(self.optional, bool):
             raise ConfigError(f"{path}.optional", f"got {self.optional!r}, expected true or false")
 
@@ -118,13 +138,16 @@ class GroupConfig:
 class AttentionActConfig:
     """Activation quantization before the two attention matmuls (Q·Kᵀ and map·V) of every self-attention.
 
-    ``points``: any of query, key, value, map; ``bits`` None = off; ``mode``/``clip`` as for linear inputs.
+    ``points``: any of query, key, value, map; ``bits`` None = off; ``method``/``mode``/``clip`` as
+    ``act_method``/``act_mode``/``act_clip`` for linear inputs (one quantizer per point and layer; with
+    ``lsq`` each learns its own step).
     """
 
     points: list[str] = field(default_factory=lambda: list(ATTENTION_POINTS))
     bits: Optional[int] = 8
     mode: Mode = "minmax"
     clip: Optional[float] = None
+    method: str = "uniform"
 
     def validate(self, path: str = f"{DEFAULT_PATH}.attention") -> None:
         if not isinstance(self.points, list):
@@ -133,10 +156,7 @@ class AttentionActConfig:
             _check_choice(point, ATTENTION_POINTS, f"{path}.points[{j}]")
         if len(set(self.points)) != len(self.points):
             raise ConfigError(f"{path}.points", f"got {self.points!r}, expected each point at most once")
-        if self.bits is not None:
-            _check_bits(self.bits, ACT_BITS, f"{path}.bits", "null (off) or an int")
-        _check_choice(self.mode, MODES, f"{path}.mode")
-        _check_clip(self.clip, f"{path}.clip")
+        _check_activation(self.method, self.bits, self.mode, self.clip, path, ("method", "bits", "mode", "clip"))
 
 
 @dataclass
@@ -175,8 +195,6 @@ class QuantConfig:
     lat: LatConfig = field(default_factory=LatConfig)
 
     def validate(self, path: str = DEFAULT_PATH) -> None:
-        from ds_kdqat.quant.presets import PRESETS
-
         _check_choice(self.preset, tuple(PRESETS), f"{path}.preset")
         if self.groups is not None:
             if not isinstance(self.groups, list):
@@ -195,13 +213,14 @@ class QuantConfig:
 
     def resolved(self) -> "ResolvedQuant":
         """The groups and attention settings in force: the preset's, replaced by explicit ones."""
-        from ds_kdqat.quant.presets import PRESETS
-
         base = PRESETS[self.preset]()
+        where = f"{DEFAULT_PATH}.preset[{self.preset}]"
         explicit_groups = self.groups is not None
         return ResolvedQuant(
-            groups=list(self.groups) if explicit_groups else base.groups,
-            attention=self.attention if self.attention is not None else base.attention,
+            groups=list(self.groups) if explicit_groups else
+            [from_dict(GroupConfig, group, f"{where}.groups[{i}]") for i, group in enumerate(base.groups)],
+            attention=self.attention if self.attention is not None else
+            from_dict(AttentionActConfig, base.attention, f"{where}.attention"),
             groups_path="groups" if explicit_groups else f"preset[{self.preset}].groups",
             lat=self.lat,
         )
@@ -220,6 +239,4 @@ class ResolvedQuant:
 
 def quant_config_from_dict(data: Any, path: str = DEFAULT_PATH) -> QuantConfig:
     """Parse and validate a ``kdqat.quant`` dict (also what a packed export's manifest stores)."""
-    from ds_kdqat.configtools import from_dict
-
     return from_dict(QuantConfig, {} if data is None else data, path)

@@ -134,7 +134,7 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
             act = None
             if group.act_bits is not None:
                 act = shared_act.setdefault((name.rpartition(".")[0], i), ActQuantizer(
-                    group.act_bits, group.act_mode, group.act_clip, shared=True))
+                    group.act_bits, group.act_mode, group.act_clip, shared=True, method=group.act_method))
             QuantLinear.convert(module, weight_quant, act)
             report.entries.append(QuantEntry(name, "linear", weight_quant.describe(),
                                              act.describe() if act else "-", params))
@@ -147,8 +147,8 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
         names = {id(m): n for n, m in model.named_modules()}
         for module in attention_modules:
             module.kdqat_act_quant = nn.ModuleDict(
-                {point: ActQuantizer(att.bits, att.mode, att.clip) for point in att.points})
-            describe = ActQuantizer(att.bits, att.mode, att.clip).describe()
+                {point: ActQuantizer(att.bits, att.mode, att.clip, method=att.method) for point in att.points})
+            describe = ActQuantizer(att.bits, att.mode, att.clip, method=att.method).describe()
             report.entries.append(QuantEntry(names[id(module)], "attention", "+".join(att.points), describe, 0))
     order = {name: k for k, (name, _) in enumerate(model.named_modules())}
     report.entries.sort(key=lambda e: order[e.name])

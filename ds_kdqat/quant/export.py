@@ -9,10 +9,16 @@ Layout of an export directory::
     manifest.json         format/version, the QuantConfig, one entry per quantized weight (kind, bits, shape,
                           packing, number of codes), the W-E-A bits and the fp32 size
 
-Codes are stored unsigned: ternary ``b + 1`` ∈ {0, 1, 2} (2 bits, or base-3 5-per-byte), binary
-``(b + 1)/2`` (1 bit), symmetric ``q + 2^(b−1) − 1`` and min-max ``q`` (``bits`` bits). Decoding applies the
-forward's own arithmetic to the same codes and scales, so the loaded weights equal the fake-quantized ones.
-Both files are written to a temporary name in the directory and renamed into place, the manifest last.
+Codes are stored unsigned, as each weight's method encodes them (:mod:`ds_kdqat.quant.methods`): ternary
+``b + 1`` ∈ {0, 1, 2} (2 bits, or base-3 5-per-byte), binary ``(b + 1)/2`` (1 bit), symmetric
+``q + 2^(b−1) − 1`` and min-max ``q`` (``bits`` bits). Decoding applies the forward's own arithmetic to the same
+codes and scales, so the loaded weights equal the fake-quantized ones.
+
+Activation quantizers with learned tensors (LSQ) store them as ``"<quantizer module>.<name>"`` float32
+tensors (LSQ: ``….step``, the step size s) instead of their state-dict entries, and the manifest lists them
+under ``"activations"`` (method, bits, mode, tensor names); exports without such quantizers have no
+``"activations"`` key. Both files are written atomically (:func:`ds_kdqat.fileio.atomic_write_via`), the
+manifest last.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Union
@@ -29,9 +34,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ds_kdqat.fileio import atomic_write_text, atomic_write_via
 from ds_kdqat.quant.config import quant_config_from_dict
 from ds_kdqat.quant.convert import model_quant_config, quantize_model
-from ds_kdqat.quant.functional import TERNARY_ENTROPY_BITS, QuantParts, dequantize_parts
+from ds_kdqat.quant.functional import TERNARY_ENTROPY_BITS
+from ds_kdqat.quant.methods import QUANT_METHODS
 from ds_kdqat.quant.modules import QUANT_MODULE_TYPES, ActQuantizer, QuantEmbedding, QuantLinear
 from ds_kdqat.quant.packing import pack_base3, pack_bits, unpack_base3, unpack_bits
 
@@ -108,40 +115,17 @@ def _fp32_bytes(state: dict[str, torch.Tensor]) -> int:
     return total
 
 
-def _encode(parts: QuantParts) -> torch.Tensor:
-    """Unsigned integer codes of ``parts`` (uint8, the weight's shape)."""
-    if parts.kind == "ternary":
-        codes = parts.codes + 1
-    elif parts.kind == "binary":
-        codes = (parts.codes + 1) / 2
-    elif parts.kind == "symmetric":
-        codes = parts.codes + (2 ** (parts.bits - 1) - 1)
-    else:
-        codes = parts.codes
-    return codes.round().to(torch.uint8)
+def _learned_activations(model: nn.Module) -> dict[str, ActQuantizer]:
+    """``name`` → activation quantizer holding learned tensors (first name of a shared one), in module order."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, ActQuantizer) and m.quantizer.export_state(m)}
 
 
-def _decode(kind: str, bits: int, codes: torch.Tensor, scale: torch.Tensor, offset) -> torch.Tensor:
-    values = codes.to(scale.dtype)
-    if kind == "ternary":
-        values = values - 1
-    elif kind == "binary":
-        values = values * 2 - 1
-    elif kind == "symmetric":
-        values = values - (2 ** (bits - 1) - 1)
-    return dequantize_parts(QuantParts(kind, values, scale, offset, bits))
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _state_keys_of(model: nn.Module, quantizers: dict[str, ActQuantizer]) -> set[str]:
+    """The state-dict keys of ``quantizers`` under every name they are registered at."""
+    ids = {id(m) for m in quantizers.values()}
+    return {f"{prefix}.{key}" for prefix, m in model.named_modules(remove_duplicate=False) if id(m) in ids
+            for key in m.state_dict()}
 
 
 @torch.no_grad()
@@ -172,7 +156,7 @@ def export_packed(model: nn.Module, out_dir: Union[str, os.PathLike], *,
         weight = module.weight
         quant_storage[_storage_key(weight)] = key
         parts = module.weight_quant.parts(weight)
-        codes = _encode(parts)
+        codes = QUANT_METHODS[module.weight_quant.method].encode(parts)
         base3 = parts.kind == "ternary" and ternary_packing == "base3"
         tensors[f"{key}.codes"] = pack_base3(codes) if base3 else pack_bits(codes, parts.bits)
         tensors[f"{key}.scale"] = parts.scale.detach().float().cpu().contiguous()
@@ -185,9 +169,19 @@ def export_packed(model: nn.Module, out_dir: Union[str, os.PathLike], *,
         if parts.kind == "ternary":
             ternary_weights += weight.numel()
 
+    activations: dict[str, dict] = {}
+    learned = _learned_activations(model)
+    for name, quantizer in learned.items():
+        stored = quantizer.quantizer.export_state(quantizer)
+        for suffix, value in stored.items():
+            tensors[f"{name}.{suffix}"] = value.contiguous()
+        activations[name] = {"method": quantizer.method, "bits": quantizer.bits, "mode": quantizer.mode,
+                             "tensors": sorted(stored)}
+    learned_keys = _state_keys_of(model, learned)
+
     state = model.state_dict()
     for key, value in state.items():
-        if key in entries:
+        if key in entries or key in learned_keys:
             continue
         owner = quant_storage.get(_storage_key(value))
         if owner is not None:
@@ -202,8 +196,11 @@ def export_packed(model: nn.Module, out_dir: Union[str, os.PathLike], *,
         "bits": {"weights": w_bits, "embedding": e_bits, "activations": a_bits},
         "fp32_bytes": _fp32_bytes(state), "ternary_weights": ternary_weights, "quantized": entries,
     }
-    _atomic_write(out / WEIGHTS_FILE, lambda p: safetensors.torch.save_file(tensors, p, metadata={"format": FORMAT}))
-    _atomic_write(out / MANIFEST_FILE, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+    if activations:
+        manifest["activations"] = activations
+    atomic_write_via(out / WEIGHTS_FILE,
+                     lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
     return size_report(out)
 
 
@@ -273,12 +270,23 @@ def load_packed(out_dir: Union[str, os.PathLike],
             codes = unpack_bits(packed, entry["bits"], entry["count"])
         scale = tensors.pop(f"{key}.scale")
         offset = tensors.pop(f"{key}.offset", None)
-        value = _decode(entry["kind"], entry["bits"], codes.reshape(entry["shape"]), scale, offset)
+        value = QUANT_METHODS[entry["method"]].decode(entry["kind"], entry["bits"], codes.reshape(entry["shape"]),
+                                                      scale, offset)
         module.weight.copy_(value.to(module.weight.device, module.weight.dtype))
         module.weight_quant.frozen = frozen
 
+    learned = _learned_activations(model)
+    for name, entry in manifest.get("activations", {}).items():
+        quantizer = learned.get(name)
+        if quantizer is None or quantizer.method != entry["method"]:
+            raise ValueError(f"{out / MANIFEST_FILE}: {name!r} is a learned {entry['method']} activation quantizer; "
+                             f"the model has none there")
+        stored = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in entry["tensors"]}
+        quantizer.quantizer.import_state(quantizer, stored)
+    learned_keys = _state_keys_of(model, learned)
+
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k not in manifest["quantized"]]
+    missing = [k for k in missing if k not in manifest["quantized"] and k not in learned_keys]
     if missing or unexpected:
         raise ValueError(f"{out / manifest['weights_file']}: does not fit {type(model).__name__}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")

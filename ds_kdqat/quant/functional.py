@@ -8,7 +8,11 @@ Every quantizer comes in two layers:
 * the public quantizer (:func:`twn_ternarize`, :func:`lat_ternarize`, :func:`binarize`,
   :func:`uniform_quantize`) returns the fake-quantized tensor (same shape and dtype as the input) whose
   gradient is the straight-through estimate: the incoming gradient is passed to the input unchanged, except
-  that it is zero where ``|x| >= clip`` when a clip is set (the clamped region, as in TernaryBERT's code).
+  that it is zero where ``|x| >= clip`` when a clip is set (the clamped region, as in TernaryBERT's code);
+* :func:`lsq_quantize` (learned step size, LSQ) also passes a gradient to its step size.
+
+The classes that use these per configured method (and the arithmetic of each code kind) are in
+:mod:`ds_kdqat.quant.methods`.
 
 Granularity: ``"layer"`` (``"tensor"`` for :func:`uniform_quantize`) uses one scale for the whole tensor;
 ``"row"`` uses one scale per index of dim 0 (a row of a ``(out, in)`` linear weight or of a
@@ -158,7 +162,8 @@ class QuantParts:
     ``kind`` ``"ternary"``: ``codes`` ∈ {-1, 0, 1}, ``x̂ = scale · codes``;
     ``"binary"``: ``codes`` ∈ {-1, 1}, ``x̂ = scale · codes``;
     ``"symmetric"``: ``codes`` ∈ [-(2^(b-1)-1), 2^(b-1)-1], ``x̂ = codes / scale``;
-    ``"minmax"``: ``codes`` ∈ [0, 2^b - 1], ``x̂ = codes · scale + offset``.
+    ``"minmax"``: ``codes`` ∈ [0, 2^b - 1], ``x̂ = codes · scale + offset``;
+    ``"lsq"``: ``codes`` ∈ [-2^(b-1), 2^(b-1)-1], ``x̂ = codes · scale`` (``scale`` is the step size s).
     ``codes`` has the input's shape and dtype (integer-valued floats); ``scale``/``offset`` are ``()`` or
     ``(rows, 1, …)``.
     """
@@ -171,15 +176,14 @@ class QuantParts:
 
 
 def dequantize_parts(parts: QuantParts) -> torch.Tensor:
-    """Rebuild the fake-quantized tensor from its pieces (the exact arithmetic of the forward)."""
-    if parts.kind in ("ternary", "binary"):
-        return parts.scale * parts.codes
-    if parts.kind == "symmetric":
-        return parts.codes / parts.scale
-    if parts.kind == "minmax":
-        assert parts.offset is not None
-        return parts.codes * parts.scale + parts.offset
-    raise ValueError(f"unknown quantized kind {parts.kind!r}")
+    """Rebuild the fake-quantized tensor from its pieces (the exact arithmetic of the forward).
+
+    Dispatches on ``parts.kind`` to the registered method that stores that kind
+    (:func:`ds_kdqat.quant.methods.method_for_kind`).
+    """
+    from ds_kdqat.quant.methods import method_for_kind  # the registry imports this module: import on use
+
+    return method_for_kind(parts.kind).dequantize(parts)
 
 
 def _ternary_alpha(abs_w: torch.Tensor, support: torch.Tensor, dims, weight: Optional[torch.Tensor] = None):
@@ -357,6 +361,76 @@ def uniform_quantize(
 ) -> torch.Tensor:
     """Uniform n-bit fake quantization (see :func:`uniform_parts`). Shape and dtype of ``x``."""
     return straight_through(x, _fake_uniform(x, bits, mode, granularity, clip), clip)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# learned step size (LSQ, Esser et al. 2020)
+
+
+def lsq_range(bits: int) -> tuple[int, int]:
+    """``(Q_N, Q_P) = (2^(b−1), 2^(b−1) − 1)``: the signed code range ``[−Q_N, Q_P]`` of ``bits`` bits."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+    return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+
+
+@torch.no_grad()
+def lsq_initial_step(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """LSQ's initial step size ``s₀ = 2·mean|x| / √Q_P`` (a ``()`` tensor of ``x``'s dtype)."""
+    _, q_p = lsq_range(bits)
+    return 2 * x.detach().abs().mean() / math.sqrt(q_p)
+
+
+@torch.no_grad()
+def lsq_parts(x: torch.Tensor, step: torch.Tensor, bits: int) -> QuantParts:
+    """``codes = round(clamp(x/s, −Q_N, Q_P))``, ``x̂ = codes · s`` (kind ``"lsq"``; ``scale = s``, ``step``'s
+    shape)."""
+    q_n, q_p = lsq_range(bits)
+    step = step.detach()
+    return QuantParts("lsq", torch.div(x.detach(), step).clamp_(-q_n, q_p).round_(), step, bits=bits)
+
+
+class _LearnedStep(torch.autograd.Function):
+    """Forward ``x̂ = round(clamp(x/s, −Q_N, Q_P))·s``; backward as in LSQ (Esser et al., 2020).
+
+    With ``v = x/s``: ``∂x̂/∂x = 1`` for ``−Q_N < v < Q_P`` and 0 outside (straight-through for the round);
+    ``∂x̂/∂s = round(v) − v`` inside, ``−Q_N`` for ``v ≤ −Q_N``, ``Q_P`` for ``v ≥ Q_P``; the gradient of ``s``
+    (summed over the elements) is multiplied by ``grad_scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, q_n, q_p, grad_scale):  # type: ignore[override]
+        ctx.save_for_backward(x, step)
+        ctx.q_n, ctx.q_p, ctx.grad_scale = q_n, q_p, grad_scale
+        return torch.div(x, step).clamp_(-q_n, q_p).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, step = ctx.saved_tensors
+        v = x / step
+        below, above = v <= -ctx.q_n, v >= ctx.q_p
+        grad_x = grad_step = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * ~(below | above)
+        if ctx.needs_input_grad[1]:
+            d_step = (v.round() - v).masked_fill_(below, -ctx.q_n).masked_fill_(above, ctx.q_p)
+            grad_step = ((grad * d_step).sum() * ctx.grad_scale).reshape(step.shape).to(step.dtype)
+        return grad_x, grad_step, None, None, None
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, grad_scale: Optional[float] = None) -> torch.Tensor:
+    """LSQ fake quantization of ``x`` (any shape) with the step size ``step`` (``()`` or ``(1,)``, learnable).
+
+    ``x̂ = round(clamp(x/s, −Q_N, Q_P))·s`` with ``(Q_N, Q_P)`` from :func:`lsq_range`; gradients as in
+    :class:`_LearnedStep`, with ``grad_scale`` ``g = 1/√(N·Q_P)`` by default (``N`` = ``x.numel()``).
+    Shape and dtype of ``x``.
+    """
+    q_n, q_p = lsq_range(bits)
+    if grad_scale is None:
+        grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * q_p)
+    if torch.is_grad_enabled() and (x.requires_grad or step.requires_grad):
+        return _LearnedStep.apply(x, step, q_n, q_p, grad_scale)
+    return torch.div(x, step).clamp_(-q_n, q_p).round_().mul_(step)
 
 
 TERNARY_ENTROPY_BITS = math.log2(3)  # information floor of one ternary weight

@@ -27,63 +27,24 @@ weight), and not cast by ``model.half()``; :func:`ds_kdqat.quant.lat_state` save
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ds_kdqat.quant.config import GroupConfig, LatConfig
-from ds_kdqat.quant.functional import (
-    QuantParts,
-    _fake_twn,
-    _fake_uniform,
-    binary_parts,
-    dequantize_parts,
-    lat_parts,
-    straight_through,
-    twn_parts,
-    uniform_parts,
-)
-
-WEIGHT_METHODS: dict[str, Callable[["WeightQuantizer", torch.Tensor], QuantParts]] = {}
-
-
-def weight_method(name: str):
-    def register(fn):
-        WEIGHT_METHODS[name] = fn
-        return fn
-
-    return register
-
-
-@weight_method("twn")
-def _twn(q: "WeightQuantizer", w: torch.Tensor) -> QuantParts:
-    return twn_parts(w, q.granularity, q.clip)
-
-
-@weight_method("lat")
-def _lat(q: "WeightQuantizer", w: torch.Tensor) -> QuantParts:
-    v = q.second_moment
-    if v is not None and (v.shape != w.shape):  # e.g. a shape change after loading: start over from TWN
-        v = None
-    if v is not None and v.device != w.device:
-        v = q.second_moment = v.to(w.device)
-    return lat_parts(w, v, q.granularity, q.clip, q.lat.iters, q.lat.eps)
-
-
-@weight_method("binary")
-def _binary(q: "WeightQuantizer", w: torch.Tensor) -> QuantParts:
-    return binary_parts(w, q.granularity, q.clip)
-
-
-@weight_method("uniform")
-def _uniform(q: "WeightQuantizer", w: torch.Tensor) -> QuantParts:
-    return uniform_parts(w, q.bits, q.mode, "tensor" if q.granularity == "layer" else "row", q.clip)
+from ds_kdqat.training.zero import is_partitioned
+from ds_kdqat.quant.functional import QuantParts
+from ds_kdqat.quant.methods import QUANT_METHODS, QuantMethod, activation_methods, weight_methods
 
 
 class WeightQuantizer(nn.Module):
-    """Maps a latent weight to its fake-quantized copy (same shape) with a straight-through gradient."""
+    """Maps a latent weight to its fake-quantized copy (same shape) with a straight-through gradient.
+
+    The arithmetic is the registered method's (:data:`ds_kdqat.quant.methods.QUANT_METHODS`, ``self.quantizer``);
+    this module holds the per-weight state: LAT's second moment and gradient accumulator, the version, ``frozen``.
+    """
 
     def __init__(
         self,
@@ -95,9 +56,9 @@ class WeightQuantizer(nn.Module):
         lat: Optional[LatConfig] = None,
     ):
         super().__init__()
-        if method not in WEIGHT_METHODS:
-            raise ValueError(f"method must be one of {sorted(WEIGHT_METHODS)}, got {method!r}")
-        self.method, self.bits, self.granularity, self.clip, self.mode = method, bits, granularity, clip, mode
+        if method not in weight_methods():
+            raise ValueError(f"method must be one of {sorted(weight_methods())}, got {method!r}")
+        self.quantizer: QuantMethod = QUANT_METHODS[method](bits, granularity, clip, mode)
         self.lat = lat or LatConfig()
         self.second_moment: Optional[torch.Tensor] = None  # LAT: EMA of squared gradients (float32)
         self.grad_accum: Optional[torch.Tensor] = None  # LAT: gradient summed since the last fold (float32)
@@ -112,25 +73,24 @@ class WeightQuantizer(nn.Module):
     def from_group(cls, group: GroupConfig, lat: LatConfig) -> "WeightQuantizer":
         return cls(group.method, group.weight_bits, group.granularity, group.clip, group.mode, lat)
 
+    method = property(lambda self: self.quantizer.name, doc="The registered method's name.")
+    bits = property(lambda self: self.quantizer.bits)
+    granularity = property(lambda self: self.quantizer.granularity)
+    clip = property(lambda self: self.quantizer.clip)
+    mode = property(lambda self: self.quantizer.mode)
+
     @property
     def kind(self) -> str:
         """Stored code kind: ternary, binary, symmetric or minmax."""
-        if self.method in ("twn", "lat"):
-            return "ternary"
-        return "binary" if self.method == "binary" else self.mode
+        return self.quantizer.kind
 
     def parts(self, w: torch.Tensor) -> QuantParts:
-        return WEIGHT_METHODS[self.method](self, w)
+        return self.quantizer.parts(w, self)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.frozen:
             return w
-        if self.method == "twn":  # the common case, in fewer passes (same values as dequantize_parts)
-            return straight_through(w, _fake_twn(w, self.granularity, self.clip), self.clip)
-        sink = None
-        if self.method == "lat" and torch.is_grad_enabled() and w.requires_grad:
-            sink = self._accumulator(w)
-        return straight_through(w, dequantize_parts(self.parts(w)), self.clip, sink)
+        return self.quantizer.quantize(w, self)
 
     def _accumulator(self, w: torch.Tensor) -> torch.Tensor:
         acc = self.grad_accum
@@ -152,8 +112,7 @@ class WeightQuantizer(nn.Module):
         self.version += 1
 
     def describe(self) -> str:
-        name = {"twn": "TWN", "lat": "LAT", "binary": "binary"}.get(self.method, f"uniform-{self.mode}")
-        text = f"{name} {self.bits}-bit {self.granularity}-wise"
+        text = self.quantizer.describe()
         text += f" clip={self.clip:g}" if self.clip is not None else ""
         return text + (" (frozen)" if self.frozen else "")
 
@@ -162,23 +121,35 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Dynamic per-tensor activation fake quantization (statistics of the current batch).
+    """Activation fake quantization by a registered activation method (``method``, default ``"uniform"``:
+    dynamic per-tensor statistics of the current batch; ``"lsq"``: a learned step size, whose tensors the
+    method registers on this module, so they are in its state dict).
 
     ``shared=True`` when one instance serves several linears fed the same tensor (Q, K and V): it then
     remembers its last input (weakly) and output and returns that output again for the same, unmodified input
     tensor, so the shared input is quantized once per forward.
     """
 
-    def __init__(self, bits: int = 8, mode: str = "minmax", clip: Optional[float] = None, shared: bool = False):
+    def __init__(self, bits: int = 8, mode: str = "minmax", clip: Optional[float] = None, shared: bool = False,
+                 method: str = "uniform"):
         super().__init__()
-        self.bits, self.mode, self.clip, self.shared = bits, mode, clip, shared
+        if method not in activation_methods():
+            raise ValueError(f"method must be one of {sorted(activation_methods())}, got {method!r}")
+        self.quantizer: QuantMethod = QUANT_METHODS[method](bits, "layer", clip, mode)
+        self.quantizer.attach(self)
+        self.shared = shared
+
+    method = property(lambda self: self.quantizer.name, doc="The registered method's name.")
+    bits = property(lambda self: self.quantizer.bits)
+    mode = property(lambda self: self.quantizer.mode)
+    clip = property(lambda self: self.quantizer.clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared:
             memo = self.__dict__.get("_memo")
             if memo is not None and memo[0]() is x and memo[1] == (x._version, torch.is_grad_enabled()):
                 return memo[2]
-        out = straight_through(x, _fake_uniform(x, self.bits, self.mode, "tensor", self.clip), self.clip)
+        out = self.quantizer.quantize(x, self)
         if self.shared:
             self.__dict__["_memo"] = (weakref.ref(x), (x._version, torch.is_grad_enabled()), out)
         return out
@@ -189,7 +160,7 @@ class ActQuantizer(nn.Module):
         return state
 
     def describe(self) -> str:
-        return f"A{self.bits} {self.mode}" + (f" clip={self.clip:g}" if self.clip is not None else "")
+        return self.quantizer.describe_activation() + (f" clip={self.clip:g}" if self.clip is not None else "")
 
     def extra_repr(self) -> str:
         return self.describe()
@@ -209,7 +180,7 @@ class _QuantWeightMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.weight
-        if self.training or torch.is_grad_enabled() or hasattr(w, "ds_id"):
+        if self.training or torch.is_grad_enabled() or is_partitioned(w):
             return self.weight_quant(w)
         key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), self.weight_quant.version)
         cache = self.__dict__.get("_kdqat_qcache")
@@ -260,8 +231,9 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
 class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
     """Embedding lookup in the quantized table: ids (…) → (…, embedding_dim).
 
-    With row-wise granularity (and not LAT, which needs the whole table's gradient for its second moment) only
-    the looked-up rows are quantized: rows are quantized independently, so this equals quantizing the table.
+    With row-wise granularity and a method whose rows are quantized independently (not LAT, which needs the whole
+    table's gradient for its second moment) only the looked-up rows are quantized; this equals quantizing the
+    table.
     """
 
     @classmethod
@@ -274,7 +246,7 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         wq = self.weight_quant
-        if wq.granularity == "row" and wq.method != "lat" and not wq.frozen and self.max_norm is None:
+        if wq.granularity == "row" and wq.quantizer.rows_independent and not wq.frozen and self.max_norm is None:
             rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq,
                                self.sparse)
             flat = rows.reshape(-1, self.embedding_dim)

@@ -4,14 +4,16 @@ Module-name patterns cover BERT, RoBERTa and ELECTRA (``encoder.layer.N.attentio
 without a task-head prefix such as ``bert.``) and ViT, in its transformers 5.x naming
 (``vit.layers.N.attention.q_proj``, ``…attention.o_proj``, ``…mlp.fc1``, ``…mlp.fc2``) and the older
 ``encoder.layer.N.attention.attention.query``; ViT has no word embedding, so the embedding groups are optional.
+
+A preset is written in the config's own vocabulary: its ``groups`` are ``kdqat.quant.groups`` entries and its
+``attention`` a ``kdqat.quant.attention`` object, as plain dicts (so this module needs nothing from
+:mod:`ds_kdqat.quant.config`, which parses them when it resolves a preset).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-from ds_kdqat.quant.config import AttentionActConfig, GroupConfig
+from typing import Any, Callable
 
 _LAYER = r"(^|\.)(encoder\.layer|layers)\.\d+\."
 QKV = _LAYER + r"attention\.((self|attention)\.(query|key|value)|[qkv]_proj)$"
@@ -25,8 +27,10 @@ POOLER = r"(^|\.)pooler\.dense$"
 
 @dataclass
 class Preset:
-    groups: list[GroupConfig]
-    attention: AttentionActConfig
+    """``groups``: ``kdqat.quant.groups`` entries; ``attention``: a ``kdqat.quant.attention`` object."""
+
+    groups: list[dict[str, Any]]
+    attention: dict[str, Any]
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {}
@@ -43,11 +47,10 @@ def preset(name: str):
 def _ternary(method: str) -> Preset:
     return Preset(
         groups=[
-            GroupConfig(patterns=list(ENCODER_LINEARS), method=method, granularity="layer", act_bits=8,
-                        act_mode="minmax"),
-            GroupConfig(patterns=[WORD_EMBEDDING], method=method, granularity="row", act_bits=None, optional=True),
+            dict(patterns=list(ENCODER_LINEARS), method=method, granularity="layer", act_bits=8, act_mode="minmax"),
+            dict(patterns=[WORD_EMBEDDING], method=method, granularity="row", act_bits=None, optional=True),
         ],
-        attention=AttentionActConfig(bits=8, mode="minmax"),
+        attention=dict(bits=8, mode="minmax"),
     )
 
 
@@ -64,6 +67,20 @@ def ternarybert_lat() -> Preset:
     return _ternary("lat")
 
 
+@preset("ternarybert_lsq")
+def ternarybert_lsq() -> Preset:
+    """As ``ternarybert`` with LSQ activations: 8-bit signed codes with a learned step size (Esser et al.,
+    2020) at the linears' inputs and before both attention matmuls, instead of per-batch min-max."""
+    lsq = dict(act_method="lsq", act_bits=8, act_mode="symmetric")
+    return Preset(
+        groups=[
+            dict(patterns=list(ENCODER_LINEARS), method="twn", granularity="layer", **lsq),
+            dict(patterns=[WORD_EMBEDDING], method="twn", granularity="row", act_bits=None, optional=True),
+        ],
+        attention=dict(method="lsq", bits=8, mode="symmetric"),
+    )
+
+
 @preset("ternarybert_reference")
 def ternarybert_reference() -> Preset:
     """What TernaryBERT's released code does: TWN with clip 2.5 on Q, K, V, O, FFN1, FFN2 and the pooler dense
@@ -72,12 +89,12 @@ def ternarybert_reference() -> Preset:
     linear = dict(method="twn", granularity="layer", clip=2.5, act_bits=8, act_mode="symmetric", act_clip=2.5)
     return Preset(
         groups=[
-            GroupConfig(patterns=list(ENCODER_LINEARS), **linear),
-            GroupConfig(patterns=[POOLER], optional=True, **linear),
-            GroupConfig(patterns=[WORD_EMBEDDING], method="twn", granularity="row", clip=2.5, act_bits=None,
-                        optional=True),
+            dict(patterns=list(ENCODER_LINEARS), **linear),
+            dict(patterns=[POOLER], optional=True, **linear),
+            dict(patterns=[WORD_EMBEDDING], method="twn", granularity="row", clip=2.5, act_bits=None,
+                 optional=True),
         ],
-        attention=AttentionActConfig(bits=8, mode="symmetric", clip=2.5),
+        attention=dict(bits=8, mode="symmetric", clip=2.5),
     )
 
 
@@ -86,11 +103,11 @@ def w8a8() -> Preset:
     """8-8-8: 8-bit symmetric weights (layer-wise linears, row-wise word embedding), 8-bit min-max activations."""
     return Preset(
         groups=[
-            GroupConfig(patterns=list(ENCODER_LINEARS), method="uniform", bits=8, mode="symmetric"),
-            GroupConfig(patterns=[WORD_EMBEDDING], method="uniform", bits=8, mode="symmetric", granularity="row",
-                        act_bits=None, optional=True),
+            dict(patterns=list(ENCODER_LINEARS), method="uniform", bits=8, mode="symmetric"),
+            dict(patterns=[WORD_EMBEDDING], method="uniform", bits=8, mode="symmetric", granularity="row",
+                 act_bits=None, optional=True),
         ],
-        attention=AttentionActConfig(bits=8, mode="minmax"),
+        attention=dict(bits=8, mode="minmax"),
     )
 
 
@@ -99,14 +116,14 @@ def binary() -> Preset:
     """W1-E1-A8: binary weights (layer-wise linears, row-wise word embedding), 8-bit min-max activations."""
     return Preset(
         groups=[
-            GroupConfig(patterns=list(ENCODER_LINEARS), method="binary"),
-            GroupConfig(patterns=[WORD_EMBEDDING], method="binary", granularity="row", act_bits=None, optional=True),
+            dict(patterns=list(ENCODER_LINEARS), method="binary"),
+            dict(patterns=[WORD_EMBEDDING], method="binary", granularity="row", act_bits=None, optional=True),
         ],
-        attention=AttentionActConfig(bits=8, mode="minmax"),
+        attention=dict(bits=8, mode="minmax"),
     )
 
 
 @preset("none")
 def none() -> Preset:
     """Full precision: nothing quantized (the attention still runs through the kdqat function)."""
-    return Preset(groups=[], attention=AttentionActConfig(points=[], bits=None))
+    return Preset(groups=[], attention=dict(points=[], bits=None))
