@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import EMBEDDED_MODEL, RunConfig
+from .config import EMBEDDED_MODEL, KdqatConfig, RunConfig
+from .configtools import to_dict
 from .models.paths import check_model_path
 from .data.loading import load_split
 from .data.encode import check_max_seq_length, encode
@@ -233,7 +234,8 @@ def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
 
     def claim() -> RunFolder:
         folder = claim_run_folder(cfg.output_dir, run_fingerprint(run.to_json()), overwrite=overwrite,
-                                  resume_anyway=resume_anyway)
+                                  resume_anyway=resume_anyway,
+                                  defaults=run_fingerprint({"kdqat": to_dict(KdqatConfig())}))
         try:
             if folder.moved_aside is not None:
                 print(f"ds-kdqat: the earlier run was moved to {folder.moved_aside}")

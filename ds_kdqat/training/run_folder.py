@@ -80,12 +80,20 @@ def run_fingerprint(resolved: dict[str, Any]) -> dict[str, Any]:
     return keep
 
 
-def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``"key: old → new"`` for every key whose value differs (``(unset)`` for a missing one), sorted."""
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any],
+                        defaults: Optional[dict[str, Any]] = None) -> list[str]:
+    """``"key: old → new"`` for every key whose value differs (``(unset)`` for a missing one), sorted.
+
+    ``defaults`` (a fingerprint of the default config): a key the old fingerprint lacks is no change when the
+    new value is its default — the run was made by a version without that option, which behaved as its
+    default does."""
     missing = "(unset)"
+    defaults = defaults or {}
     lines = []
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key, missing), new.get(key, missing)
+        if before is missing and key in defaults and after == defaults[key]:
+            continue
         if before != after:
             show = [v if v == missing else json.dumps(v) for v in (before, after)]
             lines.append(f"{key}: {show[0]} → {show[1]}")
@@ -255,9 +263,10 @@ def _move_aside(folder: Path) -> Path:
 
 
 def claim_run_folder(path: str | os.PathLike, fingerprint: dict[str, Any], *, overwrite: bool = False,
-                     resume_anyway: bool = False) -> RunFolder:
+                     resume_anyway: bool = False, defaults: Optional[dict[str, Any]] = None) -> RunFolder:
     """Take ``path`` for a run with ``fingerprint``: mark it, lock it, and check that it holds the same run
-    (see the module docstring). Returns the claimed :class:`RunFolder`; the caller releases it."""
+    (see the module docstring; ``defaults`` as in :func:`fingerprint_changes`). Returns the claimed
+    :class:`RunFolder`; the caller releases it."""
     if overwrite and resume_anyway:
         raise OutputFolderError(KEY, "--overwrite and --resume-anyway exclude each other")
     folder = Path(path)
@@ -271,14 +280,14 @@ def claim_run_folder(path: str | os.PathLike, fingerprint: dict[str, Any], *, ov
         if old is None:
             resumed = False
             marker["fingerprint"] = fingerprint
-        elif old == fingerprint:
+        elif not fingerprint_changes(old, fingerprint, defaults):
             resumed = True
         elif not _has_run_state(folder):
             # Nothing was trained under the old config (an input error stopped it): just take the new one.
             resumed = False
             marker["fingerprint"] = fingerprint
         else:
-            changes = fingerprint_changes(old, fingerprint)
+            changes = fingerprint_changes(old, fingerprint, defaults)
             if overwrite:
                 release_lock(folder)
                 moved = _move_aside(folder)
