@@ -5,7 +5,7 @@ import pytest
 
 from ds_kdqat.distill.phases import Phase
 from ds_kdqat.distill.schedule import PhaseSpan
-from ds_kdqat.engine import ordered_micro_batches, run_loop
+from ds_kdqat.training.loop import ordered_micro_batches, run_loop
 from ds_kdqat.training.callbacks import Callback, Checkpoint, DevEvaluation, LogWindow, LoopState
 from ds_kdqat.training.order import epoch_micro_batches
 

@@ -1,6 +1,6 @@
 """What the training loop does around its steps, one small callback per job.
 
-The loop (:func:`ds_kdqat.engine.run_loop`) only iterates micro batches and runs the step; at each micro
+The loop (:func:`ds_kdqat.training.loop.run_loop`) only iterates micro batches and runs the step; at each micro
 batch's end and each optimizer step's end it calls every callback, in list order, with the shared
 :class:`LoopState`. A callback with state that a resumed run needs (the log window's running sums, the best
 dev metric) gives it through ``state_dict`` and takes it back through ``load_state_dict``; :class:`Checkpoint`
