@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from .config import EMBEDDED_MODEL, KdqatConfig, RunConfig
 from .configtools import to_dict
+from .models.families import adapter_for_config, check_model_type
 from .models.paths import check_model_path
 from .data.loading import load_split
 from .data.encode import check_max_seq_length, encode
@@ -72,13 +73,15 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_classifier(path: str, spec: TaskSpec, local_files_only: bool):
-    from transformers import AutoModelForSequenceClassification
+    """The task model at ``path`` for ``spec``, built by its family adapter (eager attention; a new head when
+    the checkpoint has none or another number of labels)."""
+    from transformers import AutoConfig
 
+    adapter = adapter_for_config(AutoConfig.from_pretrained(path, local_files_only=local_files_only))
     num_labels = 1 if spec.is_regression else len(spec.labels)
-    kwargs = {"problem_type": "regression"} if spec.is_regression else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, local_files_only=local_files_only, attn_implementation="eager", **kwargs)
-    return model
+    return adapter.load_task_model(path, num_labels=num_labels,
+                                   problem_type="regression" if spec.is_regression else None,
+                                   local_files_only=local_files_only)
 
 
 def needs_finetuning(path: str, spec: TaskSpec, mode: str, local_files_only: bool) -> bool:
@@ -87,9 +90,8 @@ def needs_finetuning(path: str, spec: TaskSpec, mode: str, local_files_only: boo
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     expected = 1 if spec.is_regression else len(spec.labels)
-    return not (has_head and config.num_labels == expected)
+    return not adapter_for_config(config).has_task_head(config, expected)
 
 
 @dataclass
@@ -224,13 +226,11 @@ def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
     cfg = run.kdqat
     spec = get_task(cfg.data.task, "kdqat.data.task")
     source_path = resolve_model_path(cfg.model.teacher)
-    check_model_path(source_path, "kdqat.model.teacher", cfg.model.local_files_only)
+    teacher_config = check_model_path(source_path, "kdqat.model.teacher", cfg.model.local_files_only)
     if cfg.model.tokenizer:
         check_model_path(cfg.model.tokenizer, "kdqat.model.tokenizer", cfg.model.local_files_only)
-    from transformers import AutoConfig
-
-    check_max_seq_length(AutoConfig.from_pretrained(source_path, local_files_only=cfg.model.local_files_only),
-                         cfg.data.max_seq_length)
+    check_model_type(teacher_config, "kdqat.model.teacher")
+    check_max_seq_length(teacher_config, cfg.data.max_seq_length)
 
     def claim() -> RunFolder:
         folder = claim_run_folder(cfg.output_dir, run_fingerprint(run.to_json()), overwrite=overwrite,

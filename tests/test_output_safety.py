@@ -198,7 +198,7 @@ def test_one_job_per_folder_and_stale_locks_are_taken_over(assets, tmp_path):
     assert not (out / ".kdqat.lock").exists()
 
 
-@pytest.mark.parametrize("case", ["too_long_sequences", "missing_teacher", "non_model_teacher", "output_is_a_file", "users_log_csv",
+@pytest.mark.parametrize("case", ["too_long_sequences", "unknown_model_type", "missing_teacher", "non_model_teacher", "output_is_a_file", "users_log_csv",
                                   "broken_log_in_a_run_folder"])
 def test_clear_refusals_touch_nothing(case, assets, tmp_path):
     """Case 10: each mistake stops with exit 2 and a message naming what is wrong; the user's files stay."""
@@ -209,6 +209,11 @@ def test_clear_refusals_touch_nothing(case, assets, tmp_path):
         data = tmp_path / "data"
         shutil.copytree(assets[1], data)
         expected = "kdqat.data.max_seq_length: got 4096; the bert model takes at most 64 tokens"
+    elif case == "unknown_model_type":
+        teacher = tmp_path / "odd_model"
+        teacher.mkdir()
+        (teacher / "config.json").write_text(json.dumps({"model_type": "xyz"}))
+        expected = f"kdqat.model.teacher: {teacher / 'config.json'} cannot be read: "
     elif case == "missing_teacher":
         teacher, expected = tmp_path / "no_such_model", f"kdqat.model.teacher: {tmp_path / 'no_such_model'}: no such folder"
     elif case == "non_model_teacher":
@@ -245,7 +250,7 @@ def test_clear_refusals_touch_nothing(case, assets, tmp_path):
         if name.startswith("out/") and case == "broken_log_in_a_run_folder" and name != "out/log.csv":
             continue  # ds-kdqat's own marker and config in its own run folder
         assert after[name] == content, name
-    if case in ("too_long_sequences", "missing_teacher", "non_model_teacher"):
+    if case in ("too_long_sequences", "unknown_model_type", "missing_teacher", "non_model_teacher"):
         assert not out.exists()  # refused before any folder was made
     assert not any(name.endswith(".kdqat.lock") for name in after)
 

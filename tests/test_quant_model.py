@@ -219,7 +219,7 @@ def test_preset_group_error_names_the_preset_and_requantizing_fails():
     model = tiny_bert()
     with pytest.raises(ConfigError) as err:
         quantize_model(model.bert.encoder, QuantConfig())
-    assert err.value.path == "kdqat.quant.preset[ternarybert].groups[0].patterns[0]"
+    assert err.value.path == "kdqat.quant.preset[ternarybert].groups[0].roles[0]"  # presets name roles
     quantize_model(model)
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_model(model)

@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 from typing import Iterator, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import attention_class_names
+
 KDQAT_ATTENTION = "kdqat"
 
-# Class names of the modules that call the attention interface with their own Q, K, V: BERT-family
-# ``*SelfAttention``, DistilBERT's ``MultiHeadSelfAttention``, and ViT's ``ViTAttention`` (transformers 5
-# folded ViT's self-attention and output projection into one module).
-SELF_ATTENTION_CLASS_PATTERN = re.compile(r"(SelfAttention|MultiHeadSelfAttention|^ViTAttention)$")
 
 
 class TapSession(Protocol):
@@ -138,8 +135,10 @@ _register()
 
 
 def self_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's self-attention modules in forward (layer) order."""
-    return [m for m in model.modules() if SELF_ATTENTION_CLASS_PATTERN.search(type(m).__name__)]
+    """The model's self-attention modules in forward (layer) order: those whose class is one of the registered
+    families' ``attention_classes`` (:func:`ds_kdqat.models.families.attention_class_names`)."""
+    names = attention_class_names()
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def use_kdqat_attention(model: nn.Module) -> int:

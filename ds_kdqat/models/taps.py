@@ -1,4 +1,4 @@
-"""One forward of a BERT-family encoder that returns its internals (taps) and takes teacher interventions.
+"""One forward of an encoder (any registered family) that returns its internals (taps) and takes teacher interventions.
 
 The same function serves the full-precision teacher (usually under ``torch.no_grad()``) and the quantized
 student (with autograd): the recorded student tensors keep their graph, so losses on them train the
@@ -31,12 +31,12 @@ student's *own* tensor (computed before the replacement), so a loss can still be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterable, Mapping, Optional
+from typing import Any, Callable, Collection, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .adapters import EncoderAdapter, adapter_for
+from .families import FamilyAdapter, adapter_for
 from .attention import KDQAT_ATTENTION, active_session, self_attention_modules, use_kdqat_attention
 
 PER_LAYER_TAPS = ("attention_scores", "attention_maps", "contexts", "mha_outputs", "attention_outputs")
@@ -47,6 +47,37 @@ _ATTENTION_FUNCTION_TAPS = {
     "attention_map": "attention_maps",
     "context": "contexts",
 }
+
+
+# input kind (FamilyAdapter.input_kind) -> (adapter, batch) -> (model kwargs, attention mask (B, S))
+InputBuilder = Callable[[FamilyAdapter, Mapping[str, torch.Tensor]], tuple[dict[str, torch.Tensor], torch.Tensor]]
+MODEL_INPUTS: dict[str, InputBuilder] = {}
+
+
+def model_input(kind: str) -> Callable[[InputBuilder], InputBuilder]:
+    """Decorator: register the decorated function as the input builder of input kind ``kind``."""
+
+    def register(fn: InputBuilder) -> InputBuilder:
+        MODEL_INPUTS[kind] = fn
+        return fn
+
+    return register
+
+
+@model_input("tokens")
+def token_inputs(adapter: FamilyAdapter, batch: Mapping[str, torch.Tensor]):
+    """``input_ids`` (B, S), ``attention_mask`` (B, S) (all ones when absent) and, for families that take them,
+    ``token_type_ids`` (B, S)."""
+    if "input_ids" not in batch:
+        raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if adapter.token_type_ids and batch.get("token_type_ids") is not None:
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    return inputs, attention_mask
 
 
 @dataclass
@@ -140,7 +171,7 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _install_hooks(recorder: _Recorder, adapter: EncoderAdapter, layers: list[nn.Module]) -> list[Any]:
+def _install_hooks(recorder: _Recorder, adapter: FamilyAdapter, layers: list[nn.Module]) -> list[Any]:
     handles = []
     want_embedding = bool({"embedding_output", "layer_outputs"} & recorder.record_names)
 
@@ -211,8 +242,9 @@ def forward_with_taps(
 ) -> EncoderTaps:
     """Run ``model`` on ``batch`` once and return the taps named in ``record`` (a subset of ``TAP_NAMES``).
 
-    ``batch``: ``input_ids`` (B, S), optional ``attention_mask`` (B, S) (1 = token, 0 = padding; all ones
-    when absent) and ``token_type_ids``; other keys (labels, …) are not passed to the model.
+    ``batch``: what the family's input kind takes (:data:`MODEL_INPUTS`); for ``"tokens"``: ``input_ids``
+    (B, S), optional ``attention_mask`` (B, S) (1 = token, 0 = padding; all ones when absent) and
+    ``token_type_ids`` (passed only to families that take them); other keys (labels, …) are not passed.
     ``layers``: record per-layer taps of these layer indices only (None = all); ``layer_outputs[l + 1]``
     follows layer ``l``, and the embedding output is recorded whenever ``layer_outputs`` is.
     ``interventions``: teacher tensors that replace the student's (see :class:`Interventions`).
@@ -224,12 +256,15 @@ def forward_with_taps(
     unknown = record - TAP_NAMES
     if unknown:
         raise ValueError(f"unknown tap names {sorted(unknown)}; known: {sorted(TAP_NAMES)}")
-    if "input_ids" not in batch:
-        raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
     # A wrapper (DeepSpeed's engine, DDP) is called as is, so its forward logic runs; the HF model
     # inside it is what adapters and hooks look at.
     inner = getattr(model, "module", model)
     adapter = adapter_for(inner)
+    build_inputs = MODEL_INPUTS.get(adapter.input_kind)
+    if build_inputs is None:
+        raise ValueError(f"the {adapter.family} family's input kind {adapter.input_kind!r} is not supported by taps "
+                         f"yet ({adapter.note or 'no input builder'}); supported: {', '.join(sorted(MODEL_INPUTS))}")
+    inputs, attention_mask = build_inputs(adapter, batch)
     layer_modules = adapter.layer_modules(inner)
     num_layers = len(layer_modules)
     _ensure_kdqat_attention(inner, num_layers)
@@ -240,14 +275,6 @@ def forward_with_taps(
         raise ValueError("interventions cannot be combined with gradient checkpointing (the recomputed forward "
                          "would not see the teacher's tensors); disable it for the Teacher-Intervention phases")
     layer_set = None if layers is None else frozenset(int(i) for i in layers)
-
-    input_ids = batch["input_ids"]
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if adapter.token_type_ids and batch.get("token_type_ids") is not None:
-        inputs["token_type_ids"] = batch["token_type_ids"]
 
     recorder = _Recorder(record, layer_set, num_layers, interventions)
     handles = _install_hooks(recorder, adapter, layer_modules)

@@ -9,9 +9,13 @@ Resolution rule (one rule, no merging):
 
 So ``{"preset": "ternarybert", "attention": {"bits": null}}`` is W2-E2 with 8-bit activations only at the
 linear inputs, and ``{"groups": [...]}`` quantizes exactly the listed groups plus the preset's attention
-quantization. Each group's ``patterns`` are regular expressions searched (``re.search``) in the dotted module
-names of the model (``bert.encoder.layer.0.attention.self.query``); every pattern must match at least one
-module unless the group says ``optional: true``, and a module matched by two groups is an error.
+quantization. A group selects modules by ``roles`` (names from :data:`ROLE_NAMES`: ``query``, ``key``,
+``value``, ``attention_output_projection``, ``ffn_in``, ``ffn_out``, ``word_embedding``, ``pooler``), resolved
+through the model's family adapter (:mod:`ds_kdqat.models.families`) when the model is quantized, and/or by
+``patterns``: regular expressions searched (``re.search``) in the dotted module names of the model
+(``bert.encoder.layer.0.attention.self.query``), for models or modules no role names. Every role and pattern
+must match at least one module unless the group says ``optional: true`` (which also allows a role the family
+lacks), and a module matched by two groups is an error. Presets use roles only.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Literal, Optional
 
 from ds_kdqat.configtools import from_dict, is_int
 from ds_kdqat.errors import ConfigError
+from ds_kdqat.models.families.base import ROLE_NAMES
 from ds_kdqat.quant.methods import QUANT_METHODS, activation_methods, weight_methods
 from ds_kdqat.quant.presets import PRESETS
 
@@ -84,7 +89,8 @@ def _check_activation(method: Any, bits: Any, mode: Any, clip: Any, path: str, n
 class GroupConfig:
     """One group of modules quantized the same way.
 
-    ``patterns``: regexes over module names; ``method``: a registered weight method
+    ``roles``: module roles (:data:`ROLE_NAMES`), resolved through the model's family adapter; ``patterns``:
+    regexes over module names (at least one of the two non-empty); ``method``: a registered weight method
     (:mod:`ds_kdqat.quant.methods`): twn | lat (ternary, 2 bits) | binary (1 bit) | uniform (``bits`` 2..8,
     ``mode`` symmetric or minmax); ``bits`` None = the method's own (2, 2, 1, 8); ``granularity``: one scale
     per ``layer`` (matrix) or per ``row`` (dim 0); ``clip``: clamp weights to ±clip before quantizing (gradient
@@ -92,10 +98,12 @@ class GroupConfig:
     must be None for embeddings, whose input is token ids), ``act_method`` (a registered activation method:
     ``uniform``, the current batch's statistics with ``act_mode`` minmax or symmetric and ``act_clip``; or
     ``lsq``, a learned step size, with ``act_mode: "symmetric"`` and no clip). ``optional``: the group may
-    match no module (presets use it for parts some architectures lack, e.g. the word embedding of ViT).
+    match no module and name roles the family lacks (presets use it for parts some architectures lack, e.g. the
+    word embedding of ViT or the pooler of DistilBERT).
     """
 
     patterns: list[str] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)
     method: str = "twn"
     bits: Optional[int] = None
     granularity: Granularity = "layer"
@@ -112,8 +120,20 @@ class GroupConfig:
         return self.bits if self.bits is not None else QUANT_METHODS[self.method].default_bits
 
     def validate(self, path: str = f"{DEFAULT_PATH}.groups[0]") -> None:
-        if not isinstance(self.patterns, list) or not self.patterns:
-            raise ConfigError(f"{path}.patterns", f"got {self.patterns!r}, expected a non-empty list of regexes")
+        if not isinstance(self.patterns, list):
+            raise ConfigError(f"{path}.patterns", f"got {self.patterns!r}, expected a list of regexes")
+        if not isinstance(self.roles, list):
+            raise ConfigError(f"{path}.roles", f"got {json.dumps(self.roles, default=repr)}, expected a list of "
+                              "role names: " + ", ".join(json.dumps(r) for r in ROLE_NAMES))
+        if not self.patterns and not self.roles:
+            raise ConfigError(f"{path}.patterns", f"got {self.patterns!r}, expected a non-empty list of regexes "
+                              "(or a non-empty roles list: " + ", ".join(json.dumps(r) for r in ROLE_NAMES) + ")")
+        for j, role in enumerate(self.roles):
+            if not isinstance(role, str) or role not in ROLE_NAMES:
+                raise ConfigError(f"{path}.roles[{j}]", f"got {json.dumps(role, default=repr)}; allowed: "
+                                  + ", ".join(json.dumps(r) for r in ROLE_NAMES))
+            if role in self.roles[:j]:
+                raise ConfigError(f"{path}.roles[{j}]", f"got {json.dumps(role)} twice; name each role once")
         for j, pattern in enumerate(self.patterns):
             if not isinstance(pattern, str) or not pattern:
                 raise ConfigError(f"{path}.patterns[{j}]", f"got {pattern!r}, expected a non-empty regex string")

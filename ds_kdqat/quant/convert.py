@@ -1,4 +1,5 @@
-"""``quantize_model``: convert an HF encoder in place by module-name patterns, and report what changed."""
+"""``quantize_model``: convert an HF encoder in place by module roles (through its family adapter) or module-name
+patterns, and report what changed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from ds_kdqat.errors import ConfigError
 from ds_kdqat.models.attention import self_attention_modules, use_kdqat_attention
+from ds_kdqat.models.families import adapter_for
 from ds_kdqat.quant.config import DEFAULT_PATH, QuantConfig, quant_config_from_dict
 from ds_kdqat.quant.modules import (
     QUANT_MODULE_TYPES,
@@ -55,34 +57,60 @@ class QuantReport:
         return "\n".join(lines)
 
 
+def _role_sources(model: nn.Module, group, gpath: str) -> list[tuple[str, str, list[str]]]:
+    """``(key path, description, regexes)`` of each of the group's roles, resolved through the model's family
+    adapter; a role the family lacks is skipped in an optional group and an error otherwise."""
+    if not group.roles:
+        return []
+    try:
+        adapter = adapter_for(model)
+    except ValueError as error:
+        raise ConfigError(f"{gpath}.roles[0]", f"roles are resolved through the model's family adapter: {error}; "
+                          "select its modules with patterns (regexes) instead") from None
+    sources = []
+    for k, role in enumerate(group.roles):
+        if not adapter.has_role(role):
+            if group.optional:
+                continue
+            raise ConfigError(f"{gpath}.roles[{k}]", f"the {adapter.family} family has no {role!r} module; its "
+                              f"roles: {', '.join(adapter.roles)}")
+        sources.append((f"{gpath}.roles[{k}]", f"role {role!r} of the {adapter.family} family",
+                        adapter.role_patterns(role)))
+    return sources
+
+
 def _match(model: nn.Module, config: QuantConfig, path: str) -> list[tuple[str, nn.Module, int]]:
-    """``(name, module, group index)`` for every matched module; errors name the group or pattern path."""
+    """``(name, module, group index)`` for every matched module; errors name the group, pattern or role path.
+
+    A group's ``patterns`` are matched first, then its ``roles`` (each resolved to regexes by the family
+    adapter, :meth:`~ds_kdqat.models.families.FamilyAdapter.role_patterns`)."""
     resolved = config.resolved()
     modules = [(name, m) for name, m in model.named_modules() if name]
     owner: dict[str, int] = {}
     found: list[tuple[str, nn.Module, int]] = []
     for i, group in enumerate(resolved.groups):
         gpath = f"{path}.{resolved.groups_path}[{i}]"
-        for j, pattern in enumerate(group.patterns):
-            regex = re.compile(pattern)
-            hits = [(name, m) for name, m in modules if regex.search(name)]
+        sources = [(f"{gpath}.patterns[{j}]", repr(pattern), [pattern]) for j, pattern in enumerate(group.patterns)]
+        sources += _role_sources(model, group, gpath)
+        for where, what, patterns in sources:
+            regexes = [re.compile(pattern) for pattern in patterns]
+            hits = [(name, m) for name, m in modules if any(regex.search(name) for regex in regexes)]
             if not hits and not group.optional:
-                raise ConfigError(f"{gpath}.patterns[{j}]", f"{pattern!r} matches no module of "
-                                  f"{type(model).__name__}")
+                raise ConfigError(where, f"{what} matches no module of {type(model).__name__}")
             for name, module in hits:
                 if name in owner and owner[name] != i:
-                    raise ConfigError(f"{gpath}.patterns[{j}]", f"{pattern!r} matches {name!r}, already matched "
+                    raise ConfigError(where, f"{what} matches {name!r}, already matched "
                                       f"by {path}.{resolved.groups_path}[{owner[name]}]")
                 if name in owner:
                     continue
                 if isinstance(module, QUANT_MODULE_TYPES):
-                    raise ConfigError(f"{gpath}.patterns[{j}]", f"{name!r} is already quantized; quantize a fresh "
+                    raise ConfigError(where, f"{name!r} is already quantized; quantize a fresh "
                                       "copy of the full-precision model")
                 if type(module) is nn.Embedding and group.act_bits is not None:
                     raise ConfigError(f"{gpath}.act_bits", f"{name!r} is an embedding (its input is token ids); "
                                       "expected null")
                 if type(module) not in (nn.Linear, nn.Embedding):
-                    raise ConfigError(f"{gpath}.patterns[{j}]", f"{pattern!r} matches {name!r} of type "
+                    raise ConfigError(where, f"{what} matches {name!r} of type "
                                       f"{type(module).__name__}; expected nn.Linear or nn.Embedding modules")
                 if group.granularity == "row" and module.weight.dim() != 2:
                     raise ConfigError(f"{gpath}.granularity", f"row-wise needs 2-D weights; {name!r} has "
@@ -102,9 +130,11 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
     """Convert ``model`` in place: quantized linears/embeddings per group, activation quantizers in attention.
 
     ``config``: a :class:`QuantConfig`, a ``kdqat.quant`` dict, or None for the default (TernaryBERT
-    W2-E2-A8). Everything is validated and matched before the first module changes, so an error leaves the
-    model as it was. Routes attention through the kdqat function (:func:`use_kdqat_attention`), records the
-    config on the model (``model.kdqat_quant_config``) and returns the report of converted modules.
+    W2-E2-A8). Groups' ``roles`` are resolved through the model's family adapter (``adapter_for(model)``),
+    ``patterns`` against its module names. Everything is validated and matched before the first module changes,
+    so an error leaves the model as it was. Routes attention through the kdqat function
+    (:func:`use_kdqat_attention`), records the config on the model (``model.kdqat_quant_config``) and returns the
+    report of converted modules.
     Call it before ``deepspeed.initialize`` (ZeRO-3 models built under ``zero.Init`` are fine).
     """
     if config is None:

@@ -1,9 +1,10 @@
 """Named quantization placements (``kdqat.quant.preset``).
 
-Module-name patterns cover BERT, RoBERTa and ELECTRA (``encoder.layer.N.attention.self.query``, with or
-without a task-head prefix such as ``bert.``) and ViT, in its transformers 5.x naming
-(``vit.layers.N.attention.q_proj``, ``…attention.o_proj``, ``…mlp.fc1``, ``…mlp.fc2``) and the older
-``encoder.layer.N.attention.attention.query``; ViT has no word embedding, so the embedding groups are optional.
+Presets name module **roles** (``query``, ``key``, ``value``, ``attention_output_projection``, ``ffn_in``,
+``ffn_out``, ``word_embedding``, ``pooler``), not module names: :func:`~ds_kdqat.quant.quantize_model` resolves
+them through the model's family adapter (:mod:`ds_kdqat.models.families`), so every preset works for every
+registered family. Roles a family lacks (ViT's word embedding, DistilBERT's and RoBERTa's pooler) are in
+``optional`` groups.
 
 A preset is written in the config's own vocabulary: its ``groups`` are ``kdqat.quant.groups`` entries and its
 ``attention`` a ``kdqat.quant.attention`` object, as plain dicts (so this module needs nothing from
@@ -15,14 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-_LAYER = r"(^|\.)(encoder\.layer|layers)\.\d+\."
-QKV = _LAYER + r"attention\.((self|attention)\.(query|key|value)|[qkv]_proj)$"
-ATTN_OUT = _LAYER + r"attention\.(output\.dense|o_proj)$"
-FFN1 = _LAYER + r"(intermediate\.dense|mlp\.fc1)$"
-FFN2 = _LAYER + r"(output\.dense|mlp\.fc2)$"
-ENCODER_LINEARS = [QKV, ATTN_OUT, FFN1, FFN2]
-WORD_EMBEDDING = r"(^|\.)embeddings\.word_embeddings$"
-POOLER = r"(^|\.)pooler\.dense$"
+ENCODER_LINEARS = ["query", "key", "value", "attention_output_projection", "ffn_in", "ffn_out"]
+WORD_EMBEDDING = ["word_embedding"]
+POOLER = ["pooler"]
 
 
 @dataclass
@@ -47,8 +43,8 @@ def preset(name: str):
 def _ternary(method: str) -> Preset:
     return Preset(
         groups=[
-            dict(patterns=list(ENCODER_LINEARS), method=method, granularity="layer", act_bits=8, act_mode="minmax"),
-            dict(patterns=[WORD_EMBEDDING], method=method, granularity="row", act_bits=None, optional=True),
+            dict(roles=list(ENCODER_LINEARS), method=method, granularity="layer", act_bits=8, act_mode="minmax"),
+            dict(roles=list(WORD_EMBEDDING), method=method, granularity="row", act_bits=None, optional=True),
         ],
         attention=dict(bits=8, mode="minmax"),
     )
@@ -74,8 +70,8 @@ def ternarybert_lsq() -> Preset:
     lsq = dict(act_method="lsq", act_bits=8, act_mode="symmetric")
     return Preset(
         groups=[
-            dict(patterns=list(ENCODER_LINEARS), method="twn", granularity="layer", **lsq),
-            dict(patterns=[WORD_EMBEDDING], method="twn", granularity="row", act_bits=None, optional=True),
+            dict(roles=list(ENCODER_LINEARS), method="twn", granularity="layer", **lsq),
+            dict(roles=list(WORD_EMBEDDING), method="twn", granularity="row", act_bits=None, optional=True),
         ],
         attention=dict(method="lsq", bits=8, mode="symmetric"),
     )
@@ -89,9 +85,9 @@ def ternarybert_reference() -> Preset:
     linear = dict(method="twn", granularity="layer", clip=2.5, act_bits=8, act_mode="symmetric", act_clip=2.5)
     return Preset(
         groups=[
-            dict(patterns=list(ENCODER_LINEARS), **linear),
-            dict(patterns=[POOLER], optional=True, **linear),
-            dict(patterns=[WORD_EMBEDDING], method="twn", granularity="row", clip=2.5, act_bits=None,
+            dict(roles=list(ENCODER_LINEARS), **linear),
+            dict(roles=list(POOLER), optional=True, **linear),
+            dict(roles=list(WORD_EMBEDDING), method="twn", granularity="row", clip=2.5, act_bits=None,
                  optional=True),
         ],
         attention=dict(bits=8, mode="symmetric", clip=2.5),
@@ -103,8 +99,8 @@ def w8a8() -> Preset:
     """8-8-8: 8-bit symmetric weights (layer-wise linears, row-wise word embedding), 8-bit min-max activations."""
     return Preset(
         groups=[
-            dict(patterns=list(ENCODER_LINEARS), method="uniform", bits=8, mode="symmetric"),
-            dict(patterns=[WORD_EMBEDDING], method="uniform", bits=8, mode="symmetric", granularity="row",
+            dict(roles=list(ENCODER_LINEARS), method="uniform", bits=8, mode="symmetric"),
+            dict(roles=list(WORD_EMBEDDING), method="uniform", bits=8, mode="symmetric", granularity="row",
                  act_bits=None, optional=True),
         ],
         attention=dict(bits=8, mode="minmax"),
@@ -116,8 +112,8 @@ def binary() -> Preset:
     """W1-E1-A8: binary weights (layer-wise linears, row-wise word embedding), 8-bit min-max activations."""
     return Preset(
         groups=[
-            dict(patterns=list(ENCODER_LINEARS), method="binary"),
-            dict(patterns=[WORD_EMBEDDING], method="binary", granularity="row", act_bits=None, optional=True),
+            dict(roles=list(ENCODER_LINEARS), method="binary"),
+            dict(roles=list(WORD_EMBEDDING), method="binary", granularity="row", act_bits=None, optional=True),
         ],
         attention=dict(bits=8, mode="minmax"),
     )

@@ -44,10 +44,14 @@ def hessian_of_model(model: nn.Module, batches: Sequence[Mapping[str, torch.Tens
     if self_attention_modules(model) and getattr(model.config, "_attn_implementation", None) != KDQAT_ATTENTION:
         use_kdqat_attention(model)
     scope = model
-    if config.params == "encoder":
-        scope = getattr(getattr(model, "base_model", model), "encoder", None)
-        if scope is None:
-            raise ConfigError("analysis.hessian.params", f"{type(model).__name__} has no base_model.encoder")
+    if config.params == "encoder":  # the transformer layers, as the family adapter names them
+        from ...models.families import adapter_for
+
+        try:
+            scope = adapter_for(model).layer_list(model)
+        except (ValueError, AttributeError) as error:
+            raise ConfigError("analysis.hessian.params", f"{type(model).__name__}: no encoder layers ({error})") \
+                from None
     params = [p for p in scope.parameters() if p.is_floating_point()]
     saved = [p.requires_grad for p in params]
     for p in params:

@@ -22,18 +22,18 @@ KINDS = ("sa_gen", "sa_prop")
 
 
 def _model_value_and_output(model: nn.Module, layer: int) -> tuple[nn.Module, torch.Tensor]:
-    """(value projection module, effective output-projection weight (D, D)) of ``layer``."""
-    from ...models.adapters import adapter_for
-    from ...models.attention import self_attention_modules
+    """(value projection module, effective output-projection weight (D, D)) of ``layer``, from the model's
+    family adapter (its ``value_role`` module and its MHA-output module)."""
+    from ...models.families import adapter_for
 
-    attention = self_attention_modules(model)[layer]
-    value = next((getattr(attention, name) for name in ("value", "v_lin") if hasattr(attention, name)), None)
-    if value is None:
-        raise TypeError(f"{type(attention).__name__} has no value projection named value or v_lin")
     adapter = adapter_for(model)
+    values = adapter.value_projections(model)
+    if layer >= len(values):
+        raise TypeError(f"{type(model).__name__}: the {adapter.family} adapter finds {len(values)} value "
+                        f"projections ({adapter.value_role!r} role); layer {layer} has none")
     output = adapter.mha_output_module(adapter.layer_modules(model)[layer])
     weight = output.quantized_weight() if hasattr(output, "quantized_weight") else output.weight
-    return value, weight
+    return values[layer], weight
 
 
 def _sa_prop(model: nn.Module, layer: int, layer_input: torch.Tensor, heads: int) -> torch.Tensor:
