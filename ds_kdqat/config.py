@@ -19,6 +19,7 @@ from .data.config import DataConfig
 from .distill.config import DistillConfig
 from .ds_schema import check_deepspeed_keys
 from .errors import ConfigError
+from .models.scratch import SCRATCH_PREFIX
 from .quant.config import QuantConfig
 
 OptimizerName = Literal["bertadam", "adamw", "adafactor"]
@@ -34,9 +35,12 @@ EMBEDDED_MODEL = "embedded:all-minilm-l6-v2"
 class ModelConfig:
     """Where the teacher comes from; the student is always a quantized copy of the (fine-tuned) teacher.
 
-    ``teacher`` is a local directory, a hub name (e.g. ``bert-base-uncased``; needs network) or
-    ``embedded:all-minilm-l6-v2``. ``teacher_finetune``: ``auto`` fine-tunes first unless the checkpoint
-    already carries a sequence-classification head for the task's number of labels; ``always``/``never``
+    ``teacher`` is a local directory, a hub name (e.g. ``bert-base-uncased``; needs network),
+    ``embedded:all-minilm-l6-v2``, or ``init:<model_type>`` (e.g. ``init:vit``): a random-init model of that
+    family built from ``init_config`` (HF config keys, e.g. ``{"hidden_size": 64, "image_size": 32}``; see
+    :mod:`ds_kdqat.models.scratch`) and trained from scratch by the fine-tuning stage, which it needs
+    (``teacher_finetune: "always"``). ``teacher_finetune``: ``auto`` fine-tunes first unless the checkpoint
+    already carries the task's classification head for the task's number of labels; ``always``/``never``
     force it.
     """
 
@@ -45,10 +49,25 @@ class ModelConfig:
     teacher_finetune: Literal["auto", "always", "never"] = "auto"
     local_files_only: bool = False
     partition_teacher: bool = True
+    init_config: Optional[dict[str, Any]] = None
 
     def validate(self, path: str) -> None:
         if not self.teacher:
-            raise ConfigError(f"{path}.teacher", "must name a model directory, a hub id or " + EMBEDDED_MODEL)
+            raise ConfigError(f"{path}.teacher", "must name a model directory, a hub id, " + EMBEDDED_MODEL
+                              + " or init:<model_type>")
+        if self.teacher.startswith(SCRATCH_PREFIX):
+            if not self.teacher[len(SCRATCH_PREFIX):]:
+                raise ConfigError(f"{path}.teacher", f"{self.teacher!r}: name the model type, e.g. init:vit")
+            if self.init_config is None:
+                raise ConfigError(f"{path}.init_config", f"required with teacher {self.teacher!r}: the HF config "
+                                  "keys of the model built from scratch ({} for the config class's defaults)")
+            if self.teacher_finetune != "always":
+                raise ConfigError(f"{path}.teacher_finetune", f"got {json.dumps(self.teacher_finetune)}; a teacher "
+                                  f"built from scratch ({self.teacher}) is trained by the fine-tuning stage: set "
+                                  '"always"')
+        elif self.init_config is not None:
+            raise ConfigError(f"{path}.init_config", "only for a teacher built from scratch (teacher "
+                              f'"init:<model_type>"); teacher is {self.teacher!r}')
 
 
 @dataclass

@@ -36,8 +36,12 @@ from .config import EMBEDDED_MODEL, KdqatConfig, RunConfig
 from .configtools import to_dict
 from .models.families import adapter_for_config, check_model_type
 from .models.paths import check_model_path
+from .models.scratch import build_scratch_model, is_scratch, name_classes, scratch_config
 from .data.loading import load_split
 from .data.encode import check_max_seq_length, encode
+from .data.image_encode import ImageFormat, encode_images
+from .data.images import load_image_splits
+from .errors import ConfigError
 from .data.tasks import TaskSpec, get_task
 from .distill.phases import kd_phases, supervised_phases
 from .engine import TeacherStudentEngine, total_steps
@@ -101,7 +105,13 @@ class Datasets:
 
 
 def load_datasets(run: RunConfig, spec: TaskSpec, tokenizer) -> Datasets:
+    """The encoded train and dev splits; for an image task ``tokenizer`` is the model's :class:`ImageFormat`."""
     data = run.kdqat.data
+    if spec.is_image:
+        images = load_image_splits(data)
+        return Datasets(train=encode_images(images.splits["train"], images.class_names, tokenizer, data.on_bad_row),
+                        dev={split: encode_images(images.splits[split], images.class_names, tokenizer,
+                                                  data.on_bad_row) for split in spec.eval_splits})
     train = encode(load_split(data, "train"), tokenizer, spec, data.max_seq_length)
     dev = {}
     for split in spec.split_files:
@@ -163,7 +173,7 @@ def save_hf(model, tokenizer, folder: str, info: DistInfo, quant_config: Optiona
             shutil.rmtree(tmp, ignore_errors=True)
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)  # a tokenizer, or an ImageFormat (preprocessor_config.json)
             if quant_config is not None:
                 write_student_files(module, tmp, quant_config)
             replace_dir(tmp, folder)
@@ -226,11 +236,16 @@ def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
     cfg = run.kdqat
     spec = get_task(cfg.data.task, "kdqat.data.task")
     source_path = resolve_model_path(cfg.model.teacher)
-    teacher_config = check_model_path(source_path, "kdqat.model.teacher", cfg.model.local_files_only)
+    if is_scratch(cfg.model.teacher):
+        teacher_config = scratch_config(cfg.model.teacher, cfg.model.init_config, "kdqat.model")
+    else:
+        teacher_config = check_model_path(source_path, "kdqat.model.teacher", cfg.model.local_files_only)
     if cfg.model.tokenizer:
         check_model_path(cfg.model.tokenizer, "kdqat.model.tokenizer", cfg.model.local_files_only)
-    check_model_type(teacher_config, "kdqat.model.teacher")
-    check_max_seq_length(teacher_config, cfg.data.max_seq_length)
+    pixels = check_model_type(teacher_config, "kdqat.model.teacher").input_kind == "pixels"
+    _check_input_kind(cfg, spec, teacher_config, pixels)
+    if not pixels:
+        check_max_seq_length(teacher_config, cfg.data.max_seq_length)
 
     def claim() -> RunFolder:
         folder = claim_run_folder(cfg.output_dir, run_fingerprint(run.to_json()), overwrite=overwrite,
@@ -247,19 +262,39 @@ def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
 
     folder = _main_rank_decides(info, claim)
     try:
-        from transformers import AutoTokenizer
+        if pixels:  # the image counterpart of a tokenizer: size, channels, mean/std (saved as the image processor)
+            tokenizer = ImageFormat.for_model(teacher_config, None if is_scratch(cfg.model.teacher) else source_path,
+                                              cfg.model.local_files_only)
+        else:
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or source_path,
-                                                  local_files_only=cfg.model.local_files_only)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or source_path,
+                                                      local_files_only=cfg.model.local_files_only)
         # Rank 0 first: the embedded task's split is materialised on first use.
         data = _main_rank_decides(info, lambda: load_datasets(run, spec, tokenizer))
         data = data or load_datasets(run, spec, tokenizer)
+        if spec.labels_from_data:  # image_folder / hub_images: the class names are the data's
+            spec = spec.with_labels(data.train.class_names)
         log = RunLog(os.path.join(cfg.output_dir, "log.csv"), enabled=info.is_main)
     except BaseException:
         if folder is not None:
             folder.release()
         raise
     return JobContext(run, info, spec, source_path, tokenizer, data, log, folder)
+
+
+def _check_input_kind(cfg: KdqatConfig, spec: TaskSpec, teacher_config, pixels: bool) -> None:
+    """The task's examples are what the teacher takes (images for a pixels family, text for a tokens one)."""
+    model_type = teacher_config.model_type
+    if spec.is_image != pixels:
+        takes = "images (pixel_values)" if pixels else "text (tokens)"
+        is_a = "an image" if spec.is_image else "a text"
+        raise ConfigError("kdqat.data.task", f"{spec.name!r} is {is_a} task; the {model_type} teacher takes {takes}")
+    if pixels and cfg.model.tokenizer:
+        raise ConfigError("kdqat.model.tokenizer", f"the {model_type} teacher takes images; it has no tokenizer")
+    if not pixels and is_scratch(cfg.model.teacher) and not cfg.model.tokenizer:
+        raise ConfigError("kdqat.model.tokenizer", f"required with teacher {cfg.model.teacher!r}: a model built "
+                                                   "from scratch has no tokenizer of its own")
 
 
 def _teacher_files(folder: str) -> dict[str, int]:
@@ -333,7 +368,13 @@ def finetune_teacher(ctx: JobContext) -> str:
     if _best_was_lost(ckpt_dir, best_dir):
         _restart_stage(info, ckpt_dir, [teacher_dir], f"the fine-tuned teacher ({teacher_dir}) is gone")
     set_seed(cfg.seed)
-    model = load_classifier(ctx.source_path, ctx.spec, cfg.model.local_files_only)
+    if is_scratch(cfg.model.teacher):  # a random-init model (init:<model_type>), trained from scratch here
+        model = build_scratch_model(scratch_config(cfg.model.teacher, cfg.model.init_config), ctx.spec.num_labels,
+                                    "regression" if ctx.spec.is_regression else None)
+    else:
+        model = load_classifier(ctx.source_path, ctx.spec, cfg.model.local_files_only)
+    if ctx.spec.is_image:
+        name_classes(model, ctx.spec.labels)  # id2label: the class names (folder names, hub class names, digits)
     steps = total_steps(cfg.finetune, len(ctx.data.train), run.micro_batch_size, info.world_size,
                         run.gradient_accumulation_steps)
     engine = TeacherStudentEngine(run, info, model, None, cfg.finetune, steps, ctx.spec, ctx.log, "finetune")

@@ -9,6 +9,7 @@ Adding a family (T5, ViT, …): a :class:`Case` in ``CASES`` and, for a new inpu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -25,6 +26,10 @@ from transformers import (
     GPT2Config,
     RobertaConfig,
     RobertaForSequenceClassification,
+    T5Config,
+    UMT5Config,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 from ds_kdqat.distill import DistillConfig, kd_forward, kd_phases, phase_at
@@ -32,6 +37,8 @@ from ds_kdqat.distill.recipes import RECIPES
 from ds_kdqat.errors import ConfigError
 from ds_kdqat.models.attention import self_attention_modules
 from ds_kdqat.models.families import FAMILIES, ROLE_NAMES, adapter_for, check_model_type
+from ds_kdqat.models.families.t5 import (KdqatT5EncoderForSequenceClassification,
+                                         KdqatUMT5EncoderForSequenceClassification)
 from ds_kdqat.models.taps import TAP_NAMES, forward_with_taps
 from ds_kdqat.quant import PRESETS, after_optimizer_step, export_packed, load_packed, quantize_model
 from ds_kdqat.quant.modules import QUANT_MODULE_TYPES
@@ -40,6 +47,8 @@ LAYERS = 2
 TINY = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64, vocab_size=100,
             max_position_embeddings=64)
 ENCODER_ROLES = ("query", "key", "value", "attention_output_projection", "ffn_in", "ffn_out")
+VIT_TINY = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64, image_size=8,
+                patch_size=4, num_channels=3)  # 4 patches + [CLS]
 
 
 @dataclass
@@ -57,6 +66,14 @@ CASES = {
     "electra": Case(lambda: ElectraConfig(embedding_size=16, **TINY), ElectraForSequenceClassification),
     "distilbert": Case(lambda: DistilBertConfig(vocab_size=100, dim=32, n_layers=LAYERS, n_heads=2, hidden_dim=64,
                                                 max_position_embeddings=64), DistilBertForSequenceClassification),
+    # T5-style encoders (encoder only, mean-pooling head): t5 with a ReLU FFN (wi), umt5 with a gated one
+    # (wi_0, wi_1: one more ffn_in per layer) and a relative position bias in every layer
+    "t5": Case(lambda: T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=LAYERS, num_heads=2),
+               KdqatT5EncoderForSequenceClassification),
+    "umt5": Case(lambda: UMT5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=LAYERS, num_heads=2),
+                 KdqatUMT5EncoderForSequenceClassification, linears_per_layer=7),
+    # ViT: pre-LN, pixel inputs, no word embedding, no pooler in the classification model
+    "vit": Case(lambda: ViTConfig(**VIT_TINY), ViTForImageClassification, word_embedding=False),
 }
 FAMILY_NAMES = list(CASES)
 
@@ -70,7 +87,14 @@ def token_batch(adapter) -> dict[str, torch.Tensor]:
     return batch
 
 
-BATCHES = {"tokens": token_batch}  # input kind -> batch builder
+def pixel_batch(adapter) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    size, channels = VIT_TINY["image_size"], VIT_TINY["num_channels"]
+    return {"pixel_values": torch.randn(3, channels, size, size, generator=generator),
+            "labels": torch.tensor([0, 1, 1])}
+
+
+BATCHES = {"tokens": token_batch, "pixels": pixel_batch}  # input kind -> batch builder
 
 
 def model_inputs(batch):
@@ -261,10 +285,13 @@ def test_unknown_family_fails_when_the_config_is_read(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         check_model_type(types.SimpleNamespace(model_type="xyz"), "kdqat.model.teacher")
     assert str(err.value) == ("kdqat.model.teacher: model_type 'xyz' has no ds-kdqat adapter; supported: bert, "
-                              "distilbert, electra, roberta")
+                              "distilbert, electra, mt5, roberta, t5, umt5, vit")
     assert check_model_type(types.SimpleNamespace(model_type="distilbert"), "k") is FAMILIES["distilbert"]
-    with pytest.raises(ConfigError, match="partial"):
-        check_model_type(types.SimpleNamespace(model_type="vit"), "kdqat.model.teacher")
+    partial = dataclasses.replace(FAMILIES["vit"], model_types=("vit_partial",), status="partial", note="no taps")
+    monkeypatch.setitem(FAMILIES, "vit_partial", partial)
+    with pytest.raises(ConfigError, match=r"the vit adapter is partial \(no taps\)"):
+        check_model_type(types.SimpleNamespace(model_type="vit_partial"), "kdqat.model.teacher")
+    monkeypatch.delitem(FAMILIES, "vit_partial")
 
     # through the job's prepare(): before the output folder is claimed or anything is loaded
     from ds_kdqat import pipeline
@@ -281,3 +308,28 @@ def test_unknown_family_fails_when_the_config_is_read(tmp_path, monkeypatch):
     assert err.value.path == "kdqat.model.teacher"
     assert err.value.message.startswith("model_type 'gpt2' has no ds-kdqat adapter; supported: bert, distilbert")
     assert not (tmp_path / "out").exists()
+
+
+def test_vit_pre_ln_taps(saved):
+    """ViT's pre-LN tap definitions (see ds_kdqat/models/families/vit.py): Y_l = X_l + MHA_l (the input of
+    layernorm_after), X_{l+1} = Y_l + MLP(LN(Y_l)); scores unmasked over 4 patches + [CLS]; TI-O writes the
+    teacher's MHA output into Y_l."""
+    model, adapter = load(saved, "vit")
+    batch = pixel_batch(adapter)
+    with torch.no_grad():
+        taps = forward_with_taps(model, batch, TAP_NAMES)
+        layers = adapter.layer_modules(model)
+        for l, layer in enumerate(layers):
+            x, y, mha = taps.layer_outputs[l], taps.attention_outputs[l], taps.mha_outputs[l]
+            torch.testing.assert_close(y, x + mha, atol=1e-6, rtol=0)
+            torch.testing.assert_close(taps.layer_outputs[l + 1], y + layer.mlp(layer.layernorm_after(y)),
+                                       atol=1e-6, rtol=0)
+            assert taps.attention_scores[l].shape == (3, 2, 5, 5) and torch.isfinite(taps.attention_scores[l]).all()
+        assert taps.attention_mask.shape == (3, 5) and bool(taps.attention_mask.all())
+        from ds_kdqat.models.taps import Interventions
+
+        teacher_mha = torch.randn_like(taps.mha_outputs[0])
+        intervened = forward_with_taps(model, batch, {"attention_outputs"},
+                                       interventions=Interventions(mha_outputs={0: teacher_mha}))
+        torch.testing.assert_close(intervened.attention_outputs[0], taps.layer_outputs[0] + teacher_mha,
+                                   atol=1e-6, rtol=0)

@@ -12,6 +12,8 @@ from ds_kdqat.configtools import is_int
 from ds_kdqat.errors import ConfigError
 
 SOURCE_CHOICES: tuple[str, ...] = ("local", "hub")
+IMAGE_FOLDER, HUB_IMAGES = "image_folder", "hub_images"
+HUB_IMAGE_KEYS = ("hub_id", "image_column", "label_column", "hub_dev_split")
 MIN_SEQ_LENGTH = 8
 
 
@@ -37,6 +39,15 @@ class DataConfig:
         split_seed: seed of the ``rt_polarity`` split.
         max_train_examples: use only the first N train examples (quick runs); None for all.
         max_eval_examples: use only the first N examples of each evaluation split; None for all.
+
+    Image tasks (``digits``, ``image_folder``, ``hub_images``; :mod:`ds_kdqat.data.images`) use ``data_dir``
+    (``image_folder``: ``data_dir/train/<class>/`` and ``data_dir/dev/<class>/``), ``on_bad_row`` (an unreadable
+    image), ``dev_fraction``/``split_seed`` (``digits``), the two limits, and for ``hub_images`` only:
+
+        hub_id: the dataset's hub id (``datasets.load_dataset(hub_id, split=...)``).
+        image_column: its image column (default ``"image"``).
+        label_column: its label column (default ``"label"``).
+        hub_dev_split: the hub split used as dev (default ``"validation"``; e.g. ``"test"`` for CIFAR-10).
     """
 
     task: str = "rt_polarity"
@@ -49,6 +60,10 @@ class DataConfig:
     split_seed: int = 42
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
+    hub_id: Optional[str] = None
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    hub_dev_split: Optional[str] = None
 
     def validate(self, path: str = "kdqat.data") -> None:
         """Raise :class:`ConfigError` naming the key path and the allowed values for the first bad field."""
@@ -57,13 +72,16 @@ class DataConfig:
         spec = get_task(self.task, f"{path}.task")
         if self.source not in SOURCE_CHOICES:
             raise ConfigError(f"{path}.source", f"{self.source!r} is not one of {list(SOURCE_CHOICES)}")
-        if self.source == "hub" and spec.hub_id is None:
-            raise ConfigError(f"{path}.source", f"task {self.task!r} is not on the hub; use 'local'")
-        for key in ("data_dir", "train_file"):
+        if self.source == "hub" and spec.hub_id is None and spec.name != HUB_IMAGES:
+            hint = f"; for an image dataset on the hub use task '{HUB_IMAGES}'" if spec.is_image else ""
+            raise ConfigError(f"{path}.source", f"task {self.task!r} is not on the hub; use 'local'{hint}")
+        for key in ("data_dir", "train_file", *HUB_IMAGE_KEYS):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(f"{path}.{key}", f"expected a non-empty path string or null, got {value!r}")
-        if self.source == "local" and not spec.embedded and self.data_dir is None:
+                what = "path string" if key in ("data_dir", "train_file") else "string"
+                raise ConfigError(f"{path}.{key}", f"expected a non-empty {what} or null, got {value!r}")
+        self._validate_image_keys(spec, path)
+        if self.source == "local" and not spec.embedded and not spec.is_image and self.data_dir is None:
             files = ", ".join(spec.split_files.values())
             raise ConfigError(
                 f"{path}.data_dir",
@@ -87,4 +105,22 @@ class DataConfig:
             if value is not None and (not is_int(value) or value < 1):
                 raise ConfigError(f"{path}.{key}", f"expected null or an integer >= 1, got {value!r}")
 
-
+    def _validate_image_keys(self, spec, path: str) -> None:
+        """The keys of the image tasks: each where its task reads it, nowhere else."""
+        if spec.name != HUB_IMAGES:
+            for key in HUB_IMAGE_KEYS:
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{path}.{key}", f"only for task '{HUB_IMAGES}' (task is {self.task!r})")
+        if not spec.is_image:
+            return
+        if self.train_file is not None:
+            raise ConfigError(f"{path}.train_file", f"a text train file; task {self.task!r} is an image task")
+        if spec.name == HUB_IMAGES and self.hub_id is None:
+            raise ConfigError(f"{path}.hub_id", f"required for task '{HUB_IMAGES}': the dataset's hub id "
+                              "(datasets.load_dataset), with image_column and label_column if not image / label")
+        if spec.name == IMAGE_FOLDER and self.data_dir is None:
+            raise ConfigError(f"{path}.data_dir", f"required for task '{IMAGE_FOLDER}': a folder holding "
+                              "train/<class>/*.png|jpg and dev/<class>/*.png|jpg")
+        if spec.name != IMAGE_FOLDER and self.data_dir is not None:
+            raise ConfigError(f"{path}.data_dir", f"task {self.task!r} reads no folder; for your own images use task "
+                              f"'{IMAGE_FOLDER}'")

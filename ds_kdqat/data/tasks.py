@@ -10,18 +10,26 @@ Labels are kept as the raw strings of the tsv files (``"0"``, ``"entailment"``, 
 position of the raw label in :attr:`TaskSpec.labels`. Regression tasks (STS-B) have no label list and a
 float score as label.
 
+Image tasks (``kind="image_classification"``, read by :mod:`ds_kdqat.data.images`): ``digits`` (scikit-learn's
+bundled 8×8 digits, the offline image default), ``image_folder`` (``data_dir/{train,dev}/<class>/*.png``) and
+``hub_images`` (a hub dataset with an image and a label column). The last two take their class names from the
+data (``labels_from_data``): the registry spec has none, :meth:`TaskSpec.with_labels` fills them in.
+
 ``TASKS`` is filled by the small registration functions at the bottom of this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from ds_kdqat.errors import ConfigError
 
 #: Metric names understood by :mod:`ds_kdqat.data.metrics`.
 METRIC_NAMES = ("accuracy", "f1", "mcc", "pearson", "spearman")
+#: What a task's examples are: text (one or two sentences, tokenised) or images (pixel_values).
+TASK_KINDS = ("text", "image_classification")
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,10 @@ class TaskSpec:
         hub_label_field: the hub's label column name.
         hub_label_map: hub class name -> raw label, in hub class-index order (classification only).
         embedded: True for the task built from packaged data (materialised by :mod:`ds_kdqat.data.embedded`).
+        kind: ``"text"`` or ``"image_classification"`` (:data:`TASK_KINDS`); an image task's ``text_fields`` is
+            ``("image",)`` and its splits are read by :mod:`ds_kdqat.data.images`.
+        labels_from_data: the class names come from the data (folder names, the hub's class names), so the
+            registered spec has none; :meth:`with_labels` returns the spec with them.
     """
 
     name: str
@@ -65,12 +77,21 @@ class TaskSpec:
     hub_label_field: str = "label"
     hub_label_map: dict[str, str] = field(default_factory=dict)
     embedded: bool = False
+    kind: str = "text"
+    labels_from_data: bool = False
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"{where}: kind {self.kind!r} is not one of {TASK_KINDS}")
+        if self.kind == "image_classification" and self.is_regression:
+            raise ValueError(f"{where}: an image classification task is not a regression")
         if len(self.text_fields) not in (1, 2):
             raise ValueError(f"{where}: text_fields must name one or two columns, got {self.text_fields}")
-        if self.is_regression == bool(self.labels):
+        if self.labels_from_data:
+            if self.labels or self.is_regression:
+                raise ValueError(f"{where}: labels_from_data is for a classification task without a label list")
+        elif self.is_regression == bool(self.labels):
             raise ValueError(f"{where}: a regression task has no label list, a classification task needs one")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"{where}: duplicate labels in {self.labels}")
@@ -94,6 +115,17 @@ class TaskSpec:
                 raise ValueError(f"{where}: hub_text_fields must align with text_fields")
             if not self.is_regression and sorted(self.hub_label_map.values()) != sorted(self.labels):
                 raise ValueError(f"{where}: hub_label_map values must be the labels {self.labels}")
+
+    @property
+    def is_image(self) -> bool:
+        """True for an image task (``pixel_values`` inputs, read by :mod:`ds_kdqat.data.images`)."""
+        return self.kind == "image_classification"
+
+    def with_labels(self, labels: Sequence[str]) -> "TaskSpec":
+        """This spec with the class names read from the data (a task with ``labels_from_data``)."""
+        if not self.labels_from_data:
+            raise ValueError(f"task {self.name!r} has a fixed label list {self.labels}")
+        return dataclasses.replace(self, labels=tuple(labels), labels_from_data=False)
 
     @property
     def is_pair(self) -> bool:
@@ -255,4 +287,40 @@ def rt_polarity() -> TaskSpec:
         hub_id=("cornell-movie-review-data/rotten_tomatoes",), hub_text_fields=("text",),
         hub_label_map={"neg": "0", "pos": "1"},
         embedded=True,
+    )
+
+
+# --- image tasks (read by ds_kdqat.data.images) ---------------------------------------------------------------
+_IMAGE_SPLITS = {"train": "train", "dev": "dev"}
+
+
+@register_task
+def digits() -> TaskSpec:
+    # The offline image default: scikit-learn's bundled 8x8 handwritten digits (1,797 images), split
+    # deterministically and stratified by class (dev_fraction, split_seed), upscaled to the model's image size.
+    return TaskSpec(
+        name="digits", text_fields=("image",), label_field="label", labels=tuple(str(d) for d in range(10)),
+        is_regression=False, metrics=("accuracy",), primary_metric="accuracy", split_files=dict(_IMAGE_SPLITS),
+        kind="image_classification",
+    )
+
+
+@register_task
+def image_folder() -> TaskSpec:
+    # data_dir/train/<class>/*.png|jpg and data_dir/dev/<class>/...; class names = the sorted train folder names.
+    return TaskSpec(
+        name="image_folder", text_fields=("image",), label_field="label", labels=(), is_regression=False,
+        metrics=("accuracy",), primary_metric="accuracy", split_files=dict(_IMAGE_SPLITS),
+        kind="image_classification", labels_from_data=True,
+    )
+
+
+@register_task
+def hub_images() -> TaskSpec:
+    # datasets.load_dataset(data.hub_id) with data.image_column / data.label_column; class names from the label
+    # column's ClassLabel names, else the sorted distinct train labels.
+    return TaskSpec(
+        name="hub_images", text_fields=("image",), label_field="label", labels=(), is_regression=False,
+        metrics=("accuracy",), primary_metric="accuracy", split_files=dict(_IMAGE_SPLITS),
+        kind="image_classification", labels_from_data=True,
     )

@@ -10,8 +10,8 @@ intervention live in one place for BERT, RoBERTa, ELECTRA, ViT and anything else
    fake-quantized copy and is applied right before the matmul that consumes it
    (``query``/``key`` before Q·Kᵀ, ``map``/``value`` before map·V);
 2. taps: while a :class:`TapSession` is active (see :func:`active_session`), the function reports
-   ``attention_score`` (scaled, masked, pre-softmax), ``attention_map`` (softmax, pre-dropout) and
-   ``context`` (map·V per head), each of shape ``(batch, heads, query, key|head_dim)``;
+   ``attention_score`` (scaled, plus any ``position_bias``, masked, pre-softmax), ``attention_map`` (softmax,
+   pre-dropout) and ``context`` (map·V per head), each of shape ``(batch, heads, query, key|head_dim)``;
 3. intervention: the same session may hand back a teacher tensor for ``attention_map`` or ``context``;
    it replaces the student's tensor *detached*, so no gradient flows back through the replaced value, and
    everything after it (dropout, map·V, the output projection) runs as usual. A replaced map is used as
@@ -79,15 +79,17 @@ def kdqat_attention_forward(
     attention_mask: Optional[torch.Tensor],
     scaling: Optional[float] = None,
     dropout: float = 0.0,
+    position_bias: Optional[torch.Tensor] = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with quantization, tap and intervention seams.
 
     Shapes: ``query`` (B, H, Sq, D), ``key``/``value`` (B, H, Sk, D), ``attention_mask`` additive,
-    broadcastable to (B, 1, Sq, Sk) or None. Returns ``(context.transpose(1, 2), attention_map)``, i.e.
-    (B, Sq, H, D) and (B, H, Sq, Sk), as HF's eager function does.
+    broadcastable to (B, 1, Sq, Sk) or None; ``position_bias``: an additive bias broadcastable to (B, H, Sq, Sk)
+    that T5-style models pass (their relative position bias, with ``scaling=1.0``), or None. Returns
+    ``(context.transpose(1, 2), attention_map)``, i.e. (B, Sq, H, D) and (B, H, Sq, Sk), as HF's eager function does.
 
-    score = (q̂ · k̂ᵀ)·scaling + mask;  map = softmax(score);  context = dropout(m̂ap) · v̂
+    score = (q̂ · k̂ᵀ)·scaling + position_bias + mask;  map = softmax(score);  context = dropout(m̂ap) · v̂
     """
     if scaling is None:
         scaling = query.size(-1) ** -0.5
@@ -97,6 +99,8 @@ def kdqat_attention_forward(
     query = _maybe_quantize(module, "query", query)
     key = _maybe_quantize(module, "key", key)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:  # added before the mask, in HF's T5 eager order
+        scores = scores + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     attention_map = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

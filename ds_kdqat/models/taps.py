@@ -19,8 +19,12 @@ tap name               shape                what
 ``embedding_output``   (B, S, D)            ``X_0``
 =====================  ===================  ====================================================================
 
+These are the post-LN (BERT) definitions; a pre-LN family documents its counterparts in its adapter module
+(ViT: ``Y_l = X_l + MHA(LN(X_l))``, ``X_{l+1} = Y_l + FFN(LN(Y_l))``, see :mod:`.families.vit`).
+
 ``logits`` (the head's output, e.g. (B, C); None for a bare encoder) and ``attention_mask`` ((B, S) bool,
-True = real token) are always returned.
+True = real token) are always returned. Inputs without padding (``pixel_values``: S = patches + [CLS]) get
+an all-True mask of the sequence the layers see.
 
 Interventions (Teacher Intervention): per layer, the student's ``attention_map`` (TI-M), ``context`` or
 ``mha_output`` (TI-O) is replaced by a given tensor, detached, so no gradient flows back through the
@@ -49,8 +53,10 @@ _ATTENTION_FUNCTION_TAPS = {
 }
 
 
-# input kind (FamilyAdapter.input_kind) -> (adapter, batch) -> (model kwargs, attention mask (B, S))
-InputBuilder = Callable[[FamilyAdapter, Mapping[str, torch.Tensor]], tuple[dict[str, torch.Tensor], torch.Tensor]]
+# input kind (FamilyAdapter.input_kind) -> (adapter, batch) -> (model kwargs, attention mask (B, S) or None when
+# the inputs have no padding: every position of the sequence the layers see is real)
+InputBuilder = Callable[[FamilyAdapter, Mapping[str, torch.Tensor]],
+                        tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]]
 MODEL_INPUTS: dict[str, InputBuilder] = {}
 
 
@@ -78,6 +84,15 @@ def token_inputs(adapter: FamilyAdapter, batch: Mapping[str, torch.Tensor]):
     if adapter.token_type_ids and batch.get("token_type_ids") is not None:
         inputs["token_type_ids"] = batch["token_type_ids"]
     return inputs, attention_mask
+
+
+@model_input("pixels")
+def pixel_inputs(adapter: FamilyAdapter, batch: Mapping[str, torch.Tensor]):
+    """``pixel_values`` (B, C, H, W) at the model's image size; no mask (no image token is padding)."""
+    if "pixel_values" not in batch:
+        raise ValueError(f"batch needs 'pixel_values' (the {adapter.family} family takes images); "
+                         f"got keys {sorted(batch)}")
+    return {"pixel_values": batch["pixel_values"]}, None
 
 
 @dataclass
@@ -171,13 +186,18 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _install_hooks(recorder: _Recorder, adapter: FamilyAdapter, layers: list[nn.Module]) -> list[Any]:
+def _install_hooks(recorder: _Recorder, adapter: FamilyAdapter, layers: list[nn.Module],
+                   sequence: Optional[list], final_norm: Optional[nn.Module] = None) -> list[Any]:
+    """Hooks that fill ``recorder``; ``sequence`` (when given) receives the (B, S) of layer 0's input;
+    ``final_norm`` (when given) is the module whose output is the last layer output ``X_L``."""
     handles = []
     want_embedding = bool({"embedding_output", "layer_outputs"} & recorder.record_names)
 
-    if want_embedding:
+    if want_embedding or sequence is not None:
         def embedding_hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
+            if sequence is not None:
+                sequence[:] = [hidden.shape[:2], hidden.device]
             if "embedding_output" in recorder.record_names:
                 recorder.taps.embedding_output = hidden
             if "layer_outputs" in recorder.record_names:
@@ -190,7 +210,8 @@ def _install_hooks(recorder: _Recorder, adapter: FamilyAdapter, layers: list[nn.
             def layer_hook(module, args, output, index=index):
                 recorder.taps.layer_outputs[index + 1] = _first_tensor(output)
 
-            handles.append(layer.register_forward_hook(layer_hook))
+            last_output = final_norm if index == len(layers) - 1 else None  # pre-LN X_L after the final norm
+            handles.append((layer if last_output is None else last_output).register_forward_hook(layer_hook))
 
         teacher_mha = recorder.interventions.mha_outputs.get(index)
         if recorder.wants("mha_outputs", index) or teacher_mha is not None:
@@ -204,11 +225,25 @@ def _install_hooks(recorder: _Recorder, adapter: FamilyAdapter, layers: list[nn.
             handles.append(adapter.mha_output_module(layer).register_forward_hook(mha_hook))
 
         if recorder.wants("attention_outputs", index):
-            def attention_output_hook(module, args, output, index=index):
-                recorder.store("attention_outputs", index, _first_tensor(output))
+            module = adapter.attention_output_module(layer)
+            if adapter.attention_output_at == "input":  # pre-LN: Y_l is what the second LayerNorm takes
+                def attention_input_hook(module, args, kwargs, index=index):
+                    recorder.store("attention_outputs", index, args[0] if args else next(iter(kwargs.values())))
 
-            handles.append(adapter.attention_output_module(layer).register_forward_hook(attention_output_hook))
+                handles.append(module.register_forward_pre_hook(attention_input_hook, with_kwargs=True))
+            else:
+                def attention_output_hook(module, args, output, index=index):
+                    recorder.store("attention_outputs", index, _first_tensor(output))
+
+                handles.append(module.register_forward_hook(attention_output_hook))
     return handles
+
+
+def _final_norm(adapter: FamilyAdapter, model: nn.Module) -> Optional[nn.Module]:
+    """The module whose output is the last layer output ``X_L`` when a pre-LN family defines it after its final
+    norm (``adapter.final_norm_module``, e.g. T5's ``encoder.final_layer_norm``); None: the last layer's output."""
+    final_norm_module = getattr(adapter, "final_norm_module", None)
+    return final_norm_module(model) if final_norm_module is not None else None
 
 
 def _ensure_kdqat_attention(model: nn.Module, num_layers: int) -> None:
@@ -244,7 +279,8 @@ def forward_with_taps(
 
     ``batch``: what the family's input kind takes (:data:`MODEL_INPUTS`); for ``"tokens"``: ``input_ids``
     (B, S), optional ``attention_mask`` (B, S) (1 = token, 0 = padding; all ones when absent) and
-    ``token_type_ids`` (passed only to families that take them); other keys (labels, …) are not passed.
+    ``token_type_ids`` (passed only to families that take them); for ``"pixels"``: ``pixel_values``
+    (B, C, H, W); other keys (labels, …) are not passed.
     ``layers``: record per-layer taps of these layer indices only (None = all); ``layer_outputs[l + 1]``
     follows layer ``l``, and the embedding output is recorded whenever ``layer_outputs`` is.
     ``interventions``: teacher tensors that replace the student's (see :class:`Interventions`).
@@ -277,7 +313,8 @@ def forward_with_taps(
     layer_set = None if layers is None else frozenset(int(i) for i in layers)
 
     recorder = _Recorder(record, layer_set, num_layers, interventions)
-    handles = _install_hooks(recorder, adapter, layer_modules)
+    sequence = [] if attention_mask is None else None  # no padding: the mask is all True over layer 0's input
+    handles = _install_hooks(recorder, adapter, layer_modules, sequence, _final_norm(adapter, inner))
     try:
         with active_session(recorder):
             output = model(**inputs)
@@ -287,5 +324,8 @@ def forward_with_taps(
 
     taps = recorder.taps
     taps.logits = getattr(output, "logits", None)
+    if attention_mask is None:
+        shape, device = sequence
+        attention_mask = torch.ones(shape, dtype=torch.bool, device=device)
     taps.attention_mask = attention_mask.bool()
     return taps

@@ -119,6 +119,31 @@ def binary() -> Preset:
     )
 
 
+@preset("vit_w2")
+def vit_w2() -> Preset:
+    """The TI paper's ViT "2bit" setting: ternary (TWN, layer-wise) Q, K, V, O, FFN1, FFN2 with 8-bit min-max
+    activations at their inputs and before both attention matmuls. ViT has no word embedding, and its patch
+    embedding (a Conv2d), [CLS]/position embeddings, LayerNorms and classifier stay full precision; a text family
+    also gets its word embedding ternarized row-wise (so on BERT this is ``ternarybert``)."""
+    return _ternary("twn")
+
+
+@preset("vit_w4")
+def vit_w4() -> Preset:
+    """The TI paper's ViT "4bit" setting: 4-bit symmetric uniform weights with one scale per output row (4 bits
+    leave too few levels for one scale per matrix) on Q, K, V, O, FFN1, FFN2, 8-bit min-max activations at their
+    inputs and before both attention matmuls; a text family's word embedding gets 4 bits row-wise too."""
+    return Preset(
+        groups=[
+            dict(roles=list(ENCODER_LINEARS), method="uniform", bits=4, mode="symmetric", granularity="row",
+                 act_bits=8, act_mode="minmax"),
+            dict(roles=list(WORD_EMBEDDING), method="uniform", bits=4, mode="symmetric", granularity="row",
+                 act_bits=None, optional=True),
+        ],
+        attention=dict(bits=8, mode="minmax"),
+    )
+
+
 @preset("none")
 def none() -> Preset:
     """Full precision: nothing quantized (the attention still runs through the kdqat function)."""

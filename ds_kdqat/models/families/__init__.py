@@ -5,7 +5,8 @@ family         model types                        input       status
 =============  =================================  ==========  =====================================
 bert           bert, roberta, electra             tokens      supported
 distilbert     distilbert                         tokens      supported (no token_type_ids)
-vit            vit                                pixels      partial (quantization, attention only)
+t5             t5, mt5, umt5                      tokens      supported (encoder only, pre-LN: see its module)
+vit            vit                                pixels      supported (pre-LN: see its module)
 =============  =================================  ==========  =====================================
 
 Adding a family: a module here whose decorated function returns its :class:`FamilyAdapter`, imported below,
@@ -20,7 +21,7 @@ from torch import nn
 
 from ds_kdqat.errors import ConfigError
 
-from . import bert, distilbert, vit  # noqa: F401 - each registers its adapter
+from . import bert, distilbert, t5, vit  # noqa: F401 - each registers its adapter
 from .base import (
     FAMILIES,
     INPUT_KINDS,

@@ -90,7 +90,8 @@ class FamilyAdapter:
     ``attention_classes``: class names of its self-attention modules (calling HF's attention interface).
     ``layers``: the ``nn.ModuleList`` of transformer layers, relative to ``model.base_model``;
     ``mha_output``: relative to one layer, the module whose output is ``Concat(context)·W_O + b_O`` (B, S, D);
-    ``attention_output``: relative to one layer, the module whose output is the attention output ``Y_l`` (B, S, D).
+    ``attention_output``: relative to one layer, the module whose output (or, with ``attention_output_at="input"``,
+    whose input: pre-LN layers, where no module outputs ``Y_l``) is the attention output ``Y_l`` (B, S, D).
     ``input_kind``: ``"tokens"`` (``input_ids`` (B, S), ``attention_mask``, and ``token_type_ids`` when
     ``token_type_ids``) or ``"pixels"`` (``pixel_values`` (B, C, H, W)).
     ``load_task_model(path, num_labels, problem_type, local_files_only)``: the task model (eager attention);
@@ -105,6 +106,7 @@ class FamilyAdapter:
     layers: str
     mha_output: str
     attention_output: str
+    attention_output_at: Literal["output", "input"] = "output"
     value_role: str = "value"
     input_kind: InputKind = "tokens"
     token_type_ids: bool = True
@@ -122,6 +124,9 @@ class FamilyAdapter:
             raise ValueError(f"family {self.family!r}: unknown roles {unknown}; known: {', '.join(ROLE_NAMES)}")
         if self.value_role not in roles:
             raise ValueError(f"family {self.family!r}: value_role {self.value_role!r} is not one of its roles")
+        if self.attention_output_at not in ("output", "input"):
+            raise ValueError(f"family {self.family!r}: attention_output_at {self.attention_output_at!r}; "
+                             "known: 'output', 'input'")
         if self.input_kind not in INPUT_KINDS:
             raise ValueError(f"family {self.family!r}: input_kind {self.input_kind!r}; known: {INPUT_KINDS}")
         object.__setattr__(self, "roles", MappingProxyType(roles))

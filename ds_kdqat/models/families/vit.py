@@ -1,13 +1,38 @@
-"""ViT (``model_type`` vit): partial — attention routing and quantization roles only.
+"""ViT (``model_type`` vit): image classification through the same taps, KD terms, interventions and pipeline.
 
-Pre-LN ``ViTLayer`` under ``layers.N`` (transformers 5.x; older 5.x releases named it
-``encoder.layer.N.attention.attention.query`` …, which the role regexes also accept): ``X_l + MHA(LN_before(X_l))``
-then ``· + MLP(LN_after(·))``, where ``attention`` (``ViTAttention``: q_proj, k_proj, v_proj and o_proj = W_O)
-calls the attention interface. The pre-LN counterparts of the post-LN names: MHA output = ``attention.o_proj``'s
-output; attention output ``Y_l = X_l + MHA(LN(X_l))`` is the *input* of ``layernorm_after`` (no module outputs
-it); layer output ``X_{l+1} = Y_l + MLP(LN(Y_l))``. Inputs are pixels, which :func:`~ds_kdqat.models.taps.
-forward_with_taps` does not take yet, so taps, KD and the pipeline are not available for ViT: presets quantize
-its linears (it has no word embedding) and its attention runs through the kdqat function.
+Pre-LN ``ViTLayer`` under ``layers.N`` (transformers 5.x; older 5.x releases named the modules
+``encoder.layer.N.attention.attention.query`` …, which the role regexes also accept)::
+
+    Y_l     = X_l + dropout(MHA(layernorm_before(X_l)))      MHA = attention (ViTAttention: q/k/v/o_proj)
+    X_{l+1} = Y_l + dropout(MLP(layernorm_after(Y_l)))        MLP = mlp.fc1 → GELU → mlp.fc2
+
+The pre-LN counterparts of the post-LN names (:mod:`ds_kdqat.models.taps`), so that every KD term and both
+interventions mean something for ViT:
+
+* attention score / map / context: ``Q·Kᵀ/√d_h`` (no mask: every patch and [CLS] is a real token), its
+  softmax, ``map·V``, from the attention function; Q, K, V are projections of ``layernorm_before(X_l)``;
+* MHA output: ``attention.o_proj``'s output (pre-dropout, pre-residual) — TI-O replaces it, so the student's
+  ``Y_l = X_l + teacher MHA``;
+* attention output ``Y_l = X_l + MHA(LN(X_l))``: the residual stream between the two sub-layers, i.e. the
+  **input** of ``layernorm_after`` (no module outputs it; ``attention_output_at="input"``). It is not
+  normalised, unlike BERT's ``Y_l``: the "output" loss is an MSE on the residual stream;
+* layer output ``X_{l+1} = Y_l + MLP(LN(Y_l))``: the layer's output (also un-normalised); ``X_0`` is the
+  embedding output ([CLS] + patch embeddings + positions), the input of layer 0. These are exactly HF's
+  ``hidden_states`` (ViT does not tie the last one to ``last_hidden_state``, which is after the final
+  ``vit.layernorm``); the final LayerNorm feeds only the classifier, through the ``pred`` term.
+
+Inputs: ``pixel_values`` (B, C, H, W) at the config's ``image_size`` and ``num_channels`` (input kind
+``"pixels"``); the sequence is ``(image_size / patch_size)² + 1`` tokens, none of them padding.
+
+Roles: query, key, value (``attention.q_proj`` …), attention_output_projection (``attention.o_proj``), ffn_in
+(``mlp.fc1``), ffn_out (``mlp.fc2``); there is no word embedding and the classification model has no pooler.
+The patch embedding (``embeddings.patch_embeddings.projection``, a Conv2d) is **not quantized** by any preset:
+it is no role, as the position/segment embeddings of text models are not (a ``patterns`` group cannot
+quantize it either: ds-kdqat's quantized modules are Linear and Embedding). Nor are the [CLS] token, the
+position embeddings, the LayerNorms and the classifier.
+
+Task model: ``ViTForImageClassification`` (classifier on the final-LayerNorm [CLS] state), eager attention, then
+routed through the kdqat attention function.
 """
 
 from .base import FamilyAdapter, has_image_classification_head, load_image_classifier, register_family
@@ -33,12 +58,10 @@ def vit_family() -> FamilyAdapter:
         attention_classes=("ViTAttention", "ViTSelfAttention"),
         layers=LAYERS,
         mha_output="attention.o_proj",
-        attention_output="layernorm_after",  # its input, not its output, is Y_l (see the module docstring)
+        attention_output="layernorm_after",
+        attention_output_at="input",  # Y_l = X_l + MHA(LN(X_l)) is what layernorm_after normalises
         input_kind="pixels",
         token_type_ids=False,
         load_task_model=load_image_classifier,
         has_task_head=has_image_classification_head,
-        status="partial",
-        note="pixels input: quantization and attention routing only (no taps, KD or pipeline yet)",
     )
-
