@@ -41,12 +41,12 @@ from .data.loading import load_split
 from .data.encode import check_max_seq_length, encode
 from .data.image_encode import ImageFormat, encode_images
 from .data.images import load_image_splits
-from .errors import ConfigError
 from .data.tasks import TaskSpec, get_task
 from .distill.phases import kd_phases, supervised_phases
 from .engine import TeacherStudentEngine, total_steps
 from .quant import QuantConfig, export_packed, quantize_model
 from .quant.student_files import quantize_saved_student, write_student_files
+from .errors import ConfigError
 from .fileio import atomic_write_json
 from .training import checkpoint
 from .training.distributed import DistInfo, init_distributed

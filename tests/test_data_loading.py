@@ -20,7 +20,7 @@ def test_defaults_validate():
 @pytest.mark.parametrize(
     "changes, path, fragment",
     [
-        ({"task": "glue"}, "kdqat.data.task", "unknown task 'glue'; known tasks: cola, mnli"),
+        ({"task": "glue"}, "kdqat.data.task", "unknown task 'glue'; known tasks: cola, digits, hub_images"),
         ({"source": "web"}, "kdqat.data.source", "'web' is not one of ['local', 'hub']"),
         ({"task": "cola"}, "kdqat.data.data_dir", "required for task 'cola' with source 'local'"),
         ({"data_dir": ""}, "kdqat.data.data_dir", "non-empty path"),

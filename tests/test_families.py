@@ -197,6 +197,10 @@ def test_every_preset_quantizes_the_roles_trains_and_exports(saved, tmp_path, fa
     assert sum(isinstance(m, QUANT_MODULE_TYPES) for m in loaded.modules()) == linears + embeddings
 
 
+# Families whose HF hidden_states[-1] is the last layer's raw output (T5's is already after its final norm).
+HF_LAST_HIDDEN_BEFORE_FINAL_NORM = {"vit"}
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_taps_equal_hf_outputs(saved, family):
     model, adapter = load(saved, family)
@@ -204,8 +208,12 @@ def test_taps_equal_hf_outputs(saved, family):
     with torch.no_grad():
         reference = model(**model_inputs(batch), output_hidden_states=True, output_attentions=True)  # HF eager
         taps = forward_with_taps(model, batch, TAP_NAMES)
-    assert len(taps.layer_outputs) == LAYERS + 1 == len(reference.hidden_states)
-    for ours, theirs in zip(taps.layer_outputs, reference.hidden_states):
+    expected = list(reference.hidden_states)
+    if family in HF_LAST_HIDDEN_BEFORE_FINAL_NORM:  # our X_L is after the final norm (FamilyAdapter.final_norm)
+        with torch.no_grad():
+            expected[-1] = adapter.final_norm_module(model)(expected[-1])
+    assert len(taps.layer_outputs) == LAYERS + 1 == len(expected)
+    for ours, theirs in zip(taps.layer_outputs, expected):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert len(taps.attention_maps) == LAYERS == len(reference.attentions)
     for ours, theirs in zip(taps.attention_maps, reference.attentions):
@@ -312,7 +320,7 @@ def test_unknown_family_fails_when_the_config_is_read(tmp_path, monkeypatch):
 
 def test_vit_pre_ln_taps(saved):
     """ViT's pre-LN tap definitions (see ds_kdqat/models/families/vit.py): Y_l = X_l + MHA_l (the input of
-    layernorm_after), X_{l+1} = Y_l + MLP(LN(Y_l)); scores unmasked over 4 patches + [CLS]; TI-O writes the
+    layernorm_after), X_{l+1} = Y_l + MLP(LN(Y_l)), the last one after the final LayerNorm; scores unmasked over 4 patches + [CLS]; TI-O writes the
     teacher's MHA output into Y_l."""
     model, adapter = load(saved, "vit")
     batch = pixel_batch(adapter)
@@ -322,8 +330,10 @@ def test_vit_pre_ln_taps(saved):
         for l, layer in enumerate(layers):
             x, y, mha = taps.layer_outputs[l], taps.attention_outputs[l], taps.mha_outputs[l]
             torch.testing.assert_close(y, x + mha, atol=1e-6, rtol=0)
-            torch.testing.assert_close(taps.layer_outputs[l + 1], y + layer.mlp(layer.layernorm_after(y)),
-                                       atol=1e-6, rtol=0)
+            out = y + layer.mlp(layer.layernorm_after(y))
+            if l == len(layers) - 1:  # X_L: after the final LayerNorm
+                out = model.vit.layernorm(out)
+            torch.testing.assert_close(taps.layer_outputs[l + 1], out, atol=1e-6, rtol=0)
             assert taps.attention_scores[l].shape == (3, 2, 5, 5) and torch.isfinite(taps.attention_scores[l]).all()
         assert taps.attention_mask.shape == (3, 5) and bool(taps.attention_mask.all())
         from ds_kdqat.models.taps import Interventions

@@ -240,10 +240,8 @@ def _install_hooks(recorder: _Recorder, adapter: FamilyAdapter, layers: list[nn.
 
 
 def _final_norm(adapter: FamilyAdapter, model: nn.Module) -> Optional[nn.Module]:
-    """The module whose output is the last layer output ``X_L`` when a pre-LN family defines it after its final
-    norm (``adapter.final_norm_module``, e.g. T5's ``encoder.final_layer_norm``); None: the last layer's output."""
-    final_norm_module = getattr(adapter, "final_norm_module", None)
-    return final_norm_module(model) if final_norm_module is not None else None
+    """The module whose output is the last layer output ``X_L`` (a pre-LN family's final norm), or None."""
+    return adapter.final_norm_module(model)
 
 
 def _ensure_kdqat_attention(model: nn.Module, num_layers: int) -> None:

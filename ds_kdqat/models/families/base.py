@@ -92,6 +92,10 @@ class FamilyAdapter:
     ``mha_output``: relative to one layer, the module whose output is ``Concat(context)·W_O + b_O`` (B, S, D);
     ``attention_output``: relative to one layer, the module whose output (or, with ``attention_output_at="input"``,
     whose input: pre-LN layers, where no module outputs ``Y_l``) is the attention output ``Y_l`` (B, S, D).
+    ``final_norm``: pre-LN encoders only, relative to ``model.base_model``: the encoder's final norm, whose
+    output is the last layer output ``X_L`` (one rule for every pre-LN family: ``X_L`` is normalised, as a
+    post-LN model's is; the un-normalised last residual stream feeds nothing but that norm). Empty: ``X_L``
+    is the last layer's output.
     ``input_kind``: ``"tokens"`` (``input_ids`` (B, S), ``attention_mask``, and ``token_type_ids`` when
     ``token_type_ids``) or ``"pixels"`` (``pixel_values`` (B, C, H, W)).
     ``load_task_model(path, num_labels, problem_type, local_files_only)``: the task model (eager attention);
@@ -107,6 +111,7 @@ class FamilyAdapter:
     mha_output: str
     attention_output: str
     attention_output_at: Literal["output", "input"] = "output"
+    final_norm: str = ""
     value_role: str = "value"
     input_kind: InputKind = "tokens"
     token_type_ids: bool = True
@@ -159,6 +164,12 @@ class FamilyAdapter:
         base = getattr(model, "base_model", model)
         return base.get_submodule(self.layers)
 
+
+    def final_norm_module(self, model: nn.Module) -> Optional[nn.Module]:
+        """The module whose output is ``X_L`` (see ``final_norm``), or None when it is the last layer's."""
+        if not self.final_norm:
+            return None
+        return getattr(model, "base_model", model).get_submodule(self.final_norm)
     def layer_modules(self, model: nn.Module) -> list[nn.Module]:
         return list(self.layer_list(model))
 

@@ -16,10 +16,11 @@ interventions mean something for ViT:
 * attention output ``Y_l = X_l + MHA(LN(X_l))``: the residual stream between the two sub-layers, i.e. the
   **input** of ``layernorm_after`` (no module outputs it; ``attention_output_at="input"``). It is not
   normalised, unlike BERT's ``Y_l``: the "output" loss is an MSE on the residual stream;
-* layer output ``X_{l+1} = Y_l + MLP(LN(Y_l))``: the layer's output (also un-normalised); ``X_0`` is the
-  embedding output ([CLS] + patch embeddings + positions), the input of layer 0. These are exactly HF's
-  ``hidden_states`` (ViT does not tie the last one to ``last_hidden_state``, which is after the final
-  ``vit.layernorm``); the final LayerNorm feeds only the classifier, through the ``pred`` term.
+* layer output ``X_{l+1} = Y_l + MLP(LN(Y_l))``: the layer's output (also un-normalised), except the last,
+  ``X_L = vit.layernorm(Y_{L-1} + MLP(…))``: the output of the final LayerNorm, by the rule every pre-LN
+  family follows (``FamilyAdapter.final_norm``; T5 does the same with ``final_layer_norm``). ``X_0`` is the
+  embedding output ([CLS] + patch embeddings + positions), the input of layer 0. So ``X_0 … X_{L-1}`` are
+  HF's ``hidden_states[:-1]`` and ``X_L`` is HF's ``last_hidden_state``.
 
 Inputs: ``pixel_values`` (B, C, H, W) at the config's ``image_size`` and ``num_channels`` (input kind
 ``"pixels"``); the sequence is ``(image_size / patch_size)² + 1`` tokens, none of them padding.
@@ -60,6 +61,7 @@ def vit_family() -> FamilyAdapter:
         mha_output="attention.o_proj",
         attention_output="layernorm_after",
         attention_output_at="input",  # Y_l = X_l + MHA(LN(X_l)) is what layernorm_after normalises
+        final_norm="layernorm",  # X_L after the final LayerNorm, as for every pre-LN family
         input_kind="pixels",
         token_type_ids=False,
         load_task_model=load_image_classifier,
