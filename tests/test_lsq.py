@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
+from tests.tiny import tiny_batch, tiny_bert_classifier
 from ds_kdqat.errors import ConfigError
 from ds_kdqat.quant import (
     ActQuantizer,
@@ -89,25 +90,12 @@ def test_config_attention_and_accepted_forms():
     assert config.groups[0].act_method == "lsq" and config.attention.method == "lsq"
 
 
-def tiny_bert():
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config)
-
-
-def batch():
-    ids = torch.tensor([[2, 5, 7, 9, 3, 40], [2, 11, 3, 63, 0, 0]])
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([0, 1])}
-
-
 def lsq_quantizers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
 
 
 def trained_lsq_student():
-    model = tiny_bert()
+    model = tiny_bert_classifier()
     report = quantize_model(model, QuantConfig(preset="ternarybert_lsq"))
     assert all(e.activation == "A8 LSQ" for e in report.of_kind("linear") + report.of_kind("attention"))
     quantizers = lsq_quantizers(model)
@@ -117,7 +105,7 @@ def trained_lsq_student():
     model.train()
     steps = []
     for _ in range(2):
-        loss = model(**batch()).loss
+        loss = model(**tiny_batch()).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -139,7 +127,7 @@ def test_saved_student_files_restore_the_learned_steps(tmp_path):
     model, _, _ = trained_lsq_student()
     model.eval()
     with torch.no_grad():
-        expected = model(**batch()).logits
+        expected = model(**tiny_batch()).logits
     # as the pipeline saves a student (ds_kdqat.pipeline.save_hf): a copied state dict, so the shared Q/K/V
     # input quantizer's tensors (one per registered name) are separate tensors for safetensors
     model.save_pretrained(tmp_path, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -150,14 +138,14 @@ def test_saved_student_files_restore_the_learned_steps(tmp_path):
     for name, q in lsq_quantizers(fresh).items():
         assert torch.equal(q.step_delta, lsq_quantizers(model)[name].step_delta), name
     with torch.no_grad():
-        assert torch.equal(fresh(**batch()).logits, expected)
+        assert torch.equal(fresh(**tiny_batch()).logits, expected)
 
 
 def test_packed_export_carries_the_learned_steps(tmp_path):
     model, quantizers, _ = trained_lsq_student()
     model.eval()
     with torch.no_grad():
-        expected = model(**batch()).logits
+        expected = model(**tiny_batch()).logits
     export_packed(model, tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     from safetensors.torch import load_file
@@ -167,8 +155,8 @@ def test_packed_export_carries_the_learned_steps(tmp_path):
     assert manifest["activations"][name] == {"method": "lsq", "bits": 8, "mode": "symmetric", "tensors": ["step"]}
     assert tensors[f"{name}.step"].item() == QUANT_METHODS["lsq"].step(quantizers[name]).item()
     assert not any(k.endswith(("step_init", "step_delta")) for k in tensors)
-    loaded = load_packed(tmp_path, tiny_bert).eval()
+    loaded = load_packed(tmp_path, tiny_bert_classifier).eval()
     for n, q in lsq_quantizers(loaded).items():
         assert QUANT_METHODS["lsq"].step(q).item() == QUANT_METHODS["lsq"].step(quantizers[n]).item(), n
     with torch.no_grad():
-        assert torch.equal(loaded(**batch()).logits, expected)
+        assert torch.equal(loaded(**tiny_batch()).logits, expected)

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
+from tests.tiny import tiny_batch, tiny_bert_classifier
 from ds_kdqat.config import parse_config
 from ds_kdqat.distill import TERMS, build_objective, describe_terms, register_term
 from ds_kdqat.distill.config import DistillConfig
@@ -40,19 +40,6 @@ def hidden_l1():
     del TERMS["hidden_l1"]
 
 
-def tiny_bert(seed):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config)
-
-
-def batch():
-    ids = torch.tensor([[2, 5, 7, 9, 3, 40], [2, 11, 3, 63, 0, 0]])
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([0, 1])}
-
-
 def test_a_term_registered_in_a_test_is_configured_and_trains(hidden_l1):
     assert "hidden_l1" in describe_terms() and "L1 of layer outputs" in describe_terms()
     # selected through the run config's kdqat.distill section; errors name the key path
@@ -67,7 +54,7 @@ def test_a_term_registered_in_a_test_is_configured_and_trains(hidden_l1):
         parse_config(run_config({**distill, "terms": ["hidden_l2"]}))
     assert err.value.path == "kdqat.distill.terms[0]" and '"hidden_l1"' in err.value.message
 
-    teacher, student = tiny_bert(0).eval(), tiny_bert(1)
+    teacher, student = tiny_bert_classifier(0).eval(), tiny_bert_classifier(1)
     quantize_model(student)
     objective = build_objective(config, num_layers=2)
     assert objective.coefficients == {"pred": 1.0, "hidden_l1": 2.0}
@@ -77,9 +64,9 @@ def test_a_term_registered_in_a_test_is_configured_and_trains(hidden_l1):
     logged = []
     for _ in range(2):
         with torch.no_grad():
-            t = forward_with_taps(teacher, batch(), objective.required_taps, layers=objective.record_layers)
-        s = forward_with_taps(student, batch(), objective.required_taps, layers=objective.record_layers)
-        loss, terms = objective(s, t, batch()["labels"])
+            t = forward_with_taps(teacher, tiny_batch(), objective.required_taps, layers=objective.record_layers)
+        s = forward_with_taps(student, tiny_batch(), objective.required_taps, layers=objective.record_layers)
+        loss, terms = objective(s, t, tiny_batch()["labels"])
         expected = hidden_l1.loss(s.layer_outputs[2], t.layer_outputs[2], objective_context(s))
         torch.testing.assert_close(terms["hidden_l1"], expected.detach())
         torch.testing.assert_close(terms["total"], terms["pred"] + 2.0 * terms["hidden_l1"])
@@ -92,8 +79,8 @@ def test_a_term_registered_in_a_test_is_configured_and_trains(hidden_l1):
     alone = build_objective(DistillConfig(recipe="custom", terms=["hidden_l1"]), num_layers=2)
     student.zero_grad()
     with torch.no_grad():
-        t = forward_with_taps(teacher, batch(), alone.required_taps, layers=alone.record_layers)
-    alone(forward_with_taps(student, batch(), alone.required_taps, layers=alone.record_layers), t)[0].backward()
+        t = forward_with_taps(teacher, tiny_batch(), alone.required_taps, layers=alone.record_layers)
+    alone(forward_with_taps(student, tiny_batch(), alone.required_taps, layers=alone.record_layers), t)[0].backward()
     grad = student.bert.encoder.layer[0].attention.self.query.weight.grad
     assert grad is not None and grad.abs().sum() > 0
 
@@ -156,20 +143,20 @@ def half_ternary():
 def test_a_method_registered_in_a_test_is_configured_quantizes_and_exports(half_ternary, tmp_path):
     assert method_for_kind("ternary") is TwnMethod  # the first registered method of a kind decodes it
     config = {"groups": [{"patterns": [r"attention\.self\.(query|key)$"], "method": "half_ternary"}]}
-    model = tiny_bert(0).eval()
+    model = tiny_bert_classifier(0).eval()
     report = quantize_model(model, config)
     assert {e.quantizer for e in report.of_kind("linear")} == {"HALF 2-bit layer-wise"}
     w = model.bert.encoder.layer[0].attention.self.query.weight.detach()
     kept = w.abs() > 0.5 * w.abs().mean()
     q = quantized_weights(model)["bert.encoder.layer.0.attention.self.query.weight"]
     torch.testing.assert_close(q, torch.sign(w) * kept * (w.abs() * kept).sum() / kept.sum())
-    ids = batch()
+    ids = tiny_batch()
     with torch.no_grad():
         expected = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
     export_packed(model, tmp_path)
-    loaded = load_packed(tmp_path, lambda: copy.deepcopy(tiny_bert(0))).eval()
+    loaded = load_packed(tmp_path, lambda: copy.deepcopy(tiny_bert_classifier(0))).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits, expected)
     with pytest.raises(ConfigError) as err:
-        quantize_model(tiny_bert(0), {"groups": [{"patterns": ["query$"], "method": "half_ternary", "bits": 3}]})
+        quantize_model(tiny_bert_classifier(0), {"groups": [{"patterns": ["query$"], "method": "half_ternary", "bits": 3}]})
     assert err.value.path == "kdqat.quant.groups[0].bits"

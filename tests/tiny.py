@@ -93,3 +93,23 @@ def run_train(config: Path, *extra: str, launcher: tuple = (sys.executable,), ti
     if check and result.returncode != 0:
         raise AssertionError(f"{command} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def tiny_bert_classifier(seed: int = 0):
+    """An in-memory 2-layer BERT classifier (vocab 64, hidden 32), dropout off, for in-process tests."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def tiny_batch() -> dict:
+    """Two sentences of ids for :func:`tiny_bert_classifier`, the second padded; labels 0 and 1."""
+    import torch
+
+    ids = torch.tensor([[2, 5, 7, 9, 3, 40], [2, 11, 3, 63, 0, 0]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([0, 1])}
