@@ -192,6 +192,17 @@ def test_train_entry_point_end_to_end(assets, tmp_path):
     kd_train = [r for r in read_log(out / "log.csv") if r["phase"] == "kdqat:kd" and r["split"] == "train"]
     assert kd_train and all(r["pred"] and r["layer_output"] and r["attention_score"] for r in kd_train)
     assert "compression" in result.stdout
+    # the analysis loads the T5 teacher and student through the family adapter (not HF's encoder-decoder T5)
+    from ds_kdqat.cli import main
+
+    analysis = tmp_path / "analysis"
+    assert main(["analyze", "--teacher", str(out / "teacher"), "--student", str(out / "student"), "--task", "sst2",
+                 "--data_dir", str(data_dir), "--max_seq_length", "16", "--output_dir", str(analysis),
+                 "--device", "cpu", "--set", "hessian.enabled=false", "--set", "max_examples=8"]) == 0
+    metrics = json.loads((analysis / "metrics.json").read_text())
+    assert (metrics["num_examples"], metrics["num_layers"], metrics["num_heads"]) == (8, 2, 2)
+    for name in ("quantized", "student"):
+        assert len(metrics["models"][name]["mse_layer_outputs"]) == 2 + 1  # X_0 … X_L against the teacher's
 
 
 # Ternary weights (TWN, layer-wise linears, row-wise word embedding) without activation quantizers. The presets'

@@ -40,11 +40,17 @@ def load_quant_config(path: str | Path):
 
 
 def load_classifier(path: str | Path) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
+    """A saved task model (teacher or student folder, with its head), built by its family adapter, in eval mode."""
+    from transformers import AutoConfig
+
+    from ..models.families import adapter_for_config
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
-    return AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True).eval()
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    model = adapter_for_config(config).load_task_model(str(path), num_labels=config.num_labels,
+                                                       problem_type=config.problem_type, local_files_only=True)
+    return model.eval()
 
 
 def load_models(teacher_dir: str | Path, student_dir: Optional[str | Path] = None,
