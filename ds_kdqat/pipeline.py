@@ -18,11 +18,13 @@ replaces or removes lies inside it and was written by ds-kdqat.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
 import shutil
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ from .data.image_encode import ImageFormat, encode_images
 from .data.images import load_image_splits
 from .data.tasks import TaskSpec, get_task
 from .distill.phases import kd_phases, supervised_phases
-from .engine import TeacherStudentEngine, total_steps
+from .engine import StopTraining, TeacherStudentEngine, total_steps
 from .quant import QuantConfig, export_packed, quantize_model
 from .quant.student_files import quantize_saved_student, write_student_files
 from .errors import ConfigError
@@ -429,13 +431,34 @@ def load_student(folder: str, spec: TaskSpec):
     return quantize_saved_student(load_classifier(folder, spec, True), folder)
 
 
+@contextlib.contextmanager
+def _sigterm_stops_the_job():
+    """While a job runs, SIGTERM outside the training loop (loading, evaluation, export) raises
+    :class:`StopTraining` (exit 143) like Ctrl-C's KeyboardInterrupt does, so that ``finally`` blocks run: the
+    run folder's lock is released and temporary files are removed. Inside the loop, the loop's own handler
+    takes over (checkpoint at the end of the step, then exit 143)."""
+    def stop(signum, frame):
+        raise StopTraining()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_finetune(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False) -> str:
     """Only stage 1 (run/finetune.py): fine-tune and cache the teacher; returns its folder."""
-    ctx = prepare(run, overwrite, resume_anyway)
-    try:
-        return finetune_teacher(ctx)
-    finally:
-        ctx.release()
+    with _sigterm_stops_the_job():
+        ctx = prepare(run, overwrite, resume_anyway)
+        try:
+            return finetune_teacher(ctx)
+        finally:
+            ctx.release()
 
 
 def run_job(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False) -> dict:
@@ -446,11 +469,12 @@ def run_job(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
     resumed run reports the time since it was resumed).
     """
     started = time.time()
-    ctx = prepare(run, overwrite, resume_anyway)
-    try:
-        return _train_evaluate_export(ctx, started)
-    finally:
-        ctx.release()
+    with _sigterm_stops_the_job():
+        ctx = prepare(run, overwrite, resume_anyway)
+        try:
+            return _train_evaluate_export(ctx, started)
+        finally:
+            ctx.release()
 
 
 def _train_evaluate_export(ctx: JobContext, started: float) -> dict:

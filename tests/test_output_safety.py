@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -299,3 +300,22 @@ def test_config_mistakes_stop_before_anything_is_made(override, expected, assets
     assert "ds-kdqat config error: " in result.stderr and expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_outside_the_training_loop_exits_143_and_releases_the_folder(assets, tmp_path):
+    """SIGTERM while the job loads (folder claimed, no training step yet) ends it with 143 through its
+    ``finally`` blocks: the lock is released, no temporary file is left, and the next run finishes."""
+    model, data = assets
+    out = tmp_path / "out"
+    config = short_config(tmp_path / "c.json", model, data, out)
+    process = _popen(config)
+    deadline = time.time() + 120
+    while not (out / ".kdqat.lock").exists() and time.time() < deadline:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143, process.stderr.read()[-3000:]
+    assert not (out / ".kdqat.lock").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or ".kdqat-tmp" in p.name]
+    run_train(config)
+    assert json.loads((out / "results.json").read_text())["steps"]["kdqat"] == 6
