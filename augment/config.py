@@ -144,10 +144,18 @@ class AugmentConfig:
     ``num_candidates`` = M, ``replace_prob`` = p, ``num_new`` = N draws per example and text field (null = the
     task's number in :data:`NUM_NEW_PER_TASK`). ``candidate_source``: see :data:`CandidateSource`.
     ``stopwords``: a file with one word a line; null = ours.
+
+    ``task: "custom"`` augments a described train file instead (:mod:`augment.tables`): ``input`` in CSV, TSV or
+    JSON Lines (by extension, or ``format``), ``text_columns`` (one or two, default ``["text"]``) and
+    ``label_column`` (default ``"label"``) as in ``kdqat.data``; the output is written in the same format. Such a
+    task has no default N: set ``num_new``.
     """
 
     task: str = "rt_polarity"
     input: Optional[str] = None
+    text_columns: Optional[list[str]] = None
+    label_column: Optional[str] = None
+    format: Optional[str] = None
     output: Optional[str] = None
     num_candidates: int = 15
     replace_prob: float = 0.4
@@ -163,6 +171,7 @@ class AugmentConfig:
         if not isinstance(self.task, str) or not self.task:
             raise ConfigError(f"{path}.task", f"got {self.task!r}; expected a task name")
         _check_opt_str(self.input, f"{path}.input")
+        self._validate_columns(path)
         _check_opt_str(self.output, f"{path}.output")
         _check_int(self.num_candidates, f"{path}.num_candidates", 1)
         p = self.replace_prob
@@ -181,6 +190,23 @@ class AugmentConfig:
         self.glove.validate(f"{path}.glove")
         self.mlm.validate(f"{path}.mlm")
         self.job.validate(f"{path}.job")
+
+    def _validate_columns(self, path: str) -> None:
+        """The keys of a described train file (task ``custom``), refused for the named tasks."""
+        if self.task != "custom":
+            for key in ("text_columns", "label_column", "format"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{path}.{key}", f"only with task 'custom' (task {self.task!r} has fixed columns)")
+            return
+        if self.input is None:
+            raise ConfigError(f"{path}.input", "required for task 'custom': the train file (CSV, TSV or JSON Lines)")
+        columns = self.text_columns
+        if columns is not None and (not isinstance(columns, list) or len(columns) not in (1, 2)
+                                    or any(not isinstance(c, str) or not c for c in columns) or len(set(columns)) != len(columns)):
+            raise ConfigError(f"{path}.text_columns", f"got {columns!r}; expected one or two distinct column names")
+        _check_opt_str(self.label_column, f"{path}.label_column")
+        if self.format is not None:
+            _check_choice(self.format, ("csv", "tsv", "jsonl"), f"{path}.format")
 
     def resolved_num_new(self) -> int:
         """N actually used: ``num_new`` or the task's default."""

@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ds_kdqat.fileio import atomic_write_json, atomic_write_text, atomic_write_via, sha256_file
+from ds_kdqat.data.custom import read_described_file
+from ds_kdqat.data.files import write_table
 from ds_kdqat.data.glue_format import Example, ReadReport, read_task_file, write_task_file
 from ds_kdqat.data.tasks import TaskSpec, get_task
 from ds_kdqat.errors import ConfigError, DataError
 
 from .config import AugmentConfig
+from .tables import augment_spec, augmented_records, check_text_columns, table_format
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,13 @@ def _file_sha(path: Optional[str]) -> Optional[str]:
 
 def job_identity(cfg: AugmentConfig, input_sha256: str) -> dict:
     """Everything the output depends on (not workers, shards or batch size)."""
+    identity = _identity(cfg, input_sha256)
+    if cfg.task == "custom":
+        identity["columns"] = {"text": cfg.text_columns, "label": cfg.label_column, "format": cfg.format}
+    return identity
+
+
+def _identity(cfg: AugmentConfig, input_sha256: str) -> dict:
     return {
         "format": JOB_FORMAT,
         "task": cfg.task,
@@ -125,6 +135,7 @@ class Plan:
     examples: list[Example]
     report: ReadReport
     identity: dict
+    fmt: Optional[str] = None  # the input's table format for task "custom"; None = the task's GLUE tsv layout
 
     @property
     def num_chunks(self) -> int:
@@ -138,7 +149,7 @@ class Plan:
         return [k for k in range(self.num_chunks) if k % self.num_shards == self.shard_index]
 
     def chunk_tsv(self, k: int) -> Path:
-        return self.parts_dir / f"chunk-{k:06d}.tsv"
+        return chunk_file(self.parts_dir, k, self.fmt)
 
     def chunk_marker(self, k: int) -> Path:
         return self.parts_dir / f"chunk-{k:06d}.json"
@@ -150,14 +161,21 @@ class Plan:
 def make_plan(cfg: AugmentConfig) -> Plan:
     """Validate, read the input (bad rows per ``on_bad_row``), check/record the job identity."""
     cfg.validate("augment")
-    spec = get_task(cfg.task, "augment.task")
+    spec = augment_spec(cfg.text_columns, cfg.label_column) if cfg.task == "custom" else get_task(cfg.task, "augment.task")
     input_path = default_input(cfg, spec)
     if not input_path.is_file():
         raise ConfigError("augment.input", f"{input_path} does not exist")
     output_path = default_output(cfg, input_path)
     if output_path.resolve() == input_path.resolve():
         raise ConfigError("augment.output", f"the output {output_path} would overwrite the input")
-    examples, report = read_task_file(input_path, spec, on_bad_row=cfg.job.on_bad_row)
+    fmt = table_format(input_path, cfg.format) if cfg.task == "custom" else None
+    if fmt is not None:
+        if table_format(output_path, cfg.format, "augment.output") != fmt:
+            raise ConfigError("augment.output", f"{output_path} is not a {fmt} file like the input")
+        examples, report = read_described_file(input_path, spec, fmt, on_bad_row=cfg.job.on_bad_row)
+        check_text_columns(spec, report.columns)
+    else:
+        examples, report = read_task_file(input_path, spec, on_bad_row=cfg.job.on_bad_row)
     for bad in report.bad_rows:
         logger.warning("skipped bad row %s", bad)
     if report.bad_rows:
@@ -178,7 +196,12 @@ def make_plan(cfg: AugmentConfig) -> Plan:
             )
     else:
         atomic_write_json(job_file, identity)
-    return Plan(cfg, spec, input_path, output_path, parts, index, count, examples, report, identity)
+    return Plan(cfg, spec, input_path, output_path, parts, index, count, examples, report, identity, fmt)
+
+
+def chunk_file(parts_dir: Path, k: int, fmt: Optional[str]) -> Path:
+    """The rows of chunk ``k``: ``chunk-<k>.tsv`` (GLUE layout) or ``.csv`` / ``.jsonl`` (task custom)."""
+    return parts_dir / f"chunk-{k:06d}.{fmt or 'tsv'}"
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -202,14 +225,20 @@ def _fields(example: Example) -> list[str]:
 
 def process_chunk(plan_info: dict, k: int, examples: Sequence[Example], augmenter) -> dict:
     """Augment one chunk and commit it (tsv, then marker). Returns the marker's content."""
-    spec = get_task(plan_info["task"])
     new = augmenter.augment([_fields(e) for e in examples], [e.line for e in examples], plan_info["seed"])
-    rows = []
-    for example, texts in zip(examples, new):
-        rows.extend(augmented_rows(example, plan_info["columns"], spec, texts))
     parts = Path(plan_info["parts_dir"])
-    tsv = parts / f"chunk-{k:06d}.tsv"
-    write_task_file(tsv, spec, rows, header=plan_info["header"])
+    fmt = plan_info.get("format")
+    tsv = chunk_file(parts, k, fmt)
+    rows: list = []
+    if fmt is not None:  # task custom: a CSV / TSV / JSON Lines table
+        for example, texts in zip(examples, new):
+            rows.extend(augmented_records(example, plan_info["text_fields"], texts))
+        write_table(tsv, fmt, plan_info["columns"], rows)
+    else:
+        spec = get_task(plan_info["task"])
+        for example, texts in zip(examples, new):
+            rows.extend(augmented_rows(example, plan_info["columns"], spec, texts))
+        write_task_file(tsv, spec, rows, header=plan_info["header"])
     marker = {
         "chunk": k,
         "shard": plan_info["shard_index"],
@@ -278,6 +307,8 @@ def run_shard(cfg: AugmentConfig, augmenter=None) -> ShardResult:
         "seed": cfg.seed,
         "columns": plan.report.columns,
         "header": plan.report.header,
+        "format": plan.fmt,
+        "text_fields": list(plan.spec.text_fields),
         "parts_dir": str(plan.parts_dir),
         "shard_index": plan.shard_index,
         "num_shards": plan.num_shards,

@@ -32,6 +32,7 @@ from .data.metrics import compute_metrics
 from .data.tasks import TaskSpec
 from .distill.phases import Phase
 from .distill.step import kd_forward, model_inputs
+from .models.taps import output_logits
 from .training.callbacks import (Checkpoint, DevEvaluation, LatFold, LogWindow, LoopState, ProgressBar,
                                  StopOnSignal, StopTraining)
 from .training.distributed import DistInfo
@@ -144,16 +145,25 @@ class TeacherStudentEngine:
             real = index < len(batches)
             chunk = batches[index] if real else batches[-1]
             batch = _to_device(dataset.collate_fn([dataset[i] for i in chunk]), self._device_of(model))
-            logits = model(**model_inputs(batch)).logits.float()
-            preds = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
+            output = model(**model_inputs(batch))
+            if self.spec.is_qa:  # per feature: its (len_i, 2) start/end logits, scored per question below
+                preds = [row[:n].numpy() for row, n in zip(output_logits(output).float().cpu(),
+                                                            batch["attention_mask"].sum(-1).tolist())]
+            else:
+                logits = output.logits.float()
+                preds = (logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)).cpu().tolist()
             if real:
-                mine.extend(zip(chunk, preds.cpu().tolist()))
+                mine.extend(zip(chunk, preds))
         if world > 1:
             gathered: list = [None] * world
             dist.all_gather_object(gathered, mine)
             mine = [item for part in gathered for item in part]
         mine.sort(key=lambda item: item[0])
         predictions = [p for _, p in mine]
+        if self.spec.is_qa:
+            if was_training:
+                model.train()
+            return dataset.score(predictions)  # SQuAD EM/F1 (ds_kdqat.data.qa_post, qa_metrics)
         labels = [dataset[i]["labels"].item() for i, _ in mine]
         if was_training:
             model.train()

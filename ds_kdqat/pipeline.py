@@ -39,11 +39,14 @@ from .configtools import to_dict
 from .models.families import adapter_for_config, check_model_type
 from .models.paths import check_model_path
 from .models.scratch import build_scratch_model, is_scratch, name_classes, scratch_config
-from .data.loading import load_split
+from .data.balance import describe_counts, label_counts
+from .data.description import task_spec
+from .data.loading import load_split, with_training_labels
 from .data.encode import check_max_seq_length, encode
 from .data.image_encode import ImageFormat, encode_images
 from .data.images import load_image_splits
-from .data.tasks import TaskSpec, get_task
+from .data.qa_config import load_qa_split
+from .data.tasks import TaskSpec
 from .distill.phases import kd_phases, supervised_phases
 from .engine import StopTraining, TeacherStudentEngine, total_steps
 from .quant import QuantConfig, export_packed, quantize_model
@@ -84,6 +87,10 @@ def load_classifier(path: str, spec: TaskSpec, local_files_only: bool):
     from transformers import AutoConfig
 
     adapter = adapter_for_config(AutoConfig.from_pretrained(path, local_files_only=local_files_only))
+    if spec.is_qa:
+        if adapter.load_qa_model is None:
+            raise ConfigError("kdqat.data.task", f"the {adapter.family} family has no question-answering model")
+        return adapter.load_qa_model(path, local_files_only=local_files_only)
     num_labels = 1 if spec.is_regression else len(spec.labels)
     return adapter.load_task_model(path, num_labels=num_labels,
                                    problem_type="regression" if spec.is_regression else None,
@@ -96,6 +103,9 @@ def needs_finetuning(path: str, spec: TaskSpec, mode: str, local_files_only: boo
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+    if spec.is_qa:
+        adapter = adapter_for_config(config)
+        return adapter.has_qa_head is None or not adapter.has_qa_head(config)
     expected = 1 if spec.is_regression else len(spec.labels)
     return not adapter_for_config(config).has_task_head(config, expected)
 
@@ -109,17 +119,30 @@ class Datasets:
 def load_datasets(run: RunConfig, spec: TaskSpec, tokenizer) -> Datasets:
     """The encoded train and dev splits; for an image task ``tokenizer`` is the model's :class:`ImageFormat`."""
     data = run.kdqat.data
+    if spec.is_qa:  # SQuAD JSON → windows of question + context (ds_kdqat.data.qa)
+        return Datasets(train=load_qa_split(data, "train", tokenizer),
+                        dev={split: load_qa_split(data, split, tokenizer) for split in spec.eval_splits})
     if spec.is_image:
         images = load_image_splits(data)
         return Datasets(train=encode_images(images.splits["train"], images.class_names, tokenizer, data.on_bad_row),
                         dev={split: encode_images(images.splits[split], images.class_names, tokenizer,
                                                   data.on_bad_row) for split in spec.eval_splits})
-    train = encode(load_split(data, "train"), tokenizer, spec, data.max_seq_length)
+    train_examples = load_split(data, "train", spec=spec)
+    # A described classification task takes its classes from the training data (train.class_names).
+    spec = with_training_labels(spec, train_examples, data.train_file or "train")
+    train = encode(train_examples, tokenizer, spec, data.max_seq_length)
     dev = {}
     for split in spec.split_files:
         if split != "train":
-            dev[split] = encode(load_split(data, split), tokenizer, spec, data.max_seq_length)
+            dev[split] = encode(load_split(data, split, spec=spec), tokenizer, spec, data.max_seq_length)
     return Datasets(train=train, dev=dev)
+
+
+def split_label_counts(data: Datasets, spec: TaskSpec) -> dict[str, dict]:
+    """``label_counts`` of every split (train first): class counts, or a summary of regression scores."""
+    splits = {"train": data.train, **data.dev}
+    return {name: label_counts(split.labels, spec) for name, split in splits.items()
+            if isinstance(getattr(split, "labels", None), torch.Tensor) and not getattr(spec, "is_qa", False)}
 
 
 def _barrier() -> None:
@@ -209,6 +232,8 @@ class JobContext:
 
     @property
     def task_type(self) -> str:
+        if self.spec.is_qa:
+            return "qa"
         return "regression" if self.spec.is_regression else "classification"
 
 
@@ -236,7 +261,7 @@ def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
     checked before any model loads. The caller releases the folder (:meth:`JobContext.release`)."""
     info = init_distributed()
     cfg = run.kdqat
-    spec = get_task(cfg.data.task, "kdqat.data.task")
+    spec = task_spec(cfg.data)
     source_path = resolve_model_path(cfg.model.teacher)
     if is_scratch(cfg.model.teacher):
         teacher_config = scratch_config(cfg.model.teacher, cfg.model.init_config, "kdqat.model")
@@ -275,8 +300,11 @@ def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
         # Rank 0 first: the embedded task's split is materialised on first use.
         data = _main_rank_decides(info, lambda: load_datasets(run, spec, tokenizer))
         data = data or load_datasets(run, spec, tokenizer)
-        if spec.labels_from_data:  # image_folder / hub_images: the class names are the data's
+        if spec.labels_from_data:  # image_folder / hub_images / a described task: the class names are the data's
             spec = spec.with_labels(data.train.class_names)
+        if info.is_main:
+            for split, counts in split_label_counts(data, spec).items():
+                print(f"ds-kdqat: labels of {describe_counts(split, counts, spec.is_regression)}")
         log = RunLog(os.path.join(cfg.output_dir, "log.csv"), enabled=info.is_main)
     except BaseException:
         if folder is not None:
@@ -370,20 +398,22 @@ def finetune_teacher(ctx: JobContext) -> str:
     if _best_was_lost(ckpt_dir, best_dir):
         _restart_stage(info, ckpt_dir, [teacher_dir], f"the fine-tuned teacher ({teacher_dir}) is gone")
     set_seed(cfg.seed)
+    if is_scratch(cfg.model.teacher) and ctx.spec.is_qa:
+        raise ConfigError("kdqat.model.teacher", "a model built from scratch has no question-answering head yet")
     if is_scratch(cfg.model.teacher):  # a random-init model (init:<model_type>), trained from scratch here
         model = build_scratch_model(scratch_config(cfg.model.teacher, cfg.model.init_config), ctx.spec.num_labels,
                                     "regression" if ctx.spec.is_regression else None)
     else:
         model = load_classifier(ctx.source_path, ctx.spec, cfg.model.local_files_only)
-    if ctx.spec.is_image:
-        name_classes(model, ctx.spec.labels)  # id2label: the class names (folder names, hub class names, digits)
+    if not ctx.spec.is_regression:
+        name_classes(model, ctx.spec.labels)  # id2label: the class names (folders, hub class names, a file's labels)
     steps = total_steps(cfg.finetune, len(ctx.data.train), run.micro_batch_size, info.world_size,
                         run.gradient_accumulation_steps)
     engine = TeacherStudentEngine(run, info, model, None, cfg.finetune, steps, ctx.spec, ctx.log, "finetune")
     ctx.log.monitor = engine.engine.monitor
     result = engine.train(
         ctx.data.train, ctx.data.dev[ctx.dev_name],
-        supervised_phases(steps, ctx.spec.is_regression), ckpt_dir,
+        supervised_phases(steps, ctx.spec.is_regression, qa=ctx.spec.is_qa), ckpt_dir,
         on_best=lambda metrics: save_hf(engine.engine, ctx.tokenizer, best_dir, info))
     if info.is_main:
         # done.json goes in before the folder takes its final name: a teacher/ folder without it is never
@@ -405,6 +435,8 @@ def train_student(ctx: JobContext, teacher_path: str):
     run, info, cfg = ctx.run, ctx.info, ctx.run.kdqat
     set_seed(cfg.seed)
     teacher = load_classifier(teacher_path, ctx.spec, cfg.model.local_files_only)
+    if not ctx.spec.is_regression:
+        name_classes(teacher, ctx.spec.labels)  # the student (a copy) is saved with the task's class names
     student = copy.deepcopy(teacher)
     report = quantize_model(student, cfg.quant)
     if info.is_main:
@@ -502,6 +534,7 @@ def _train_evaluate_export(ctx: JobContext, started: float) -> dict:
         "teacher_partitioned": engine.teacher_partitioned,
         "wall_time_s": time.time() - started,
         "stage_times_s": {"prepare_and_finetune": finetuned - started, "kdqat": trained - finetuned},
+        "label_counts": split_label_counts(ctx.data, ctx.spec),
     }
     if info.is_main:
         size = export_packed(best_student.cpu(), os.path.join(ctx.out, "student_packed"))

@@ -9,7 +9,7 @@ GLUE = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 
 
 def test_registry_holds_glue_and_embedded_default():
-    assert sorted(TASKS) == sorted(GLUE + ["rt_polarity", "digits", "image_folder", "hub_images"])
+    assert sorted(TASKS) == sorted(GLUE + ["rt_polarity", "digits", "image_folder", "hub_images", "squad"])
     assert [name for name, spec in TASKS.items() if spec.embedded] == ["rt_polarity"]
 
 

@@ -86,7 +86,11 @@ RANKS_SCRIPT = textwrap.dedent(r"""
     after_optimizer_step(lin)
     # averaged gradient 1.5 everywhere; v = (1 − 0.5)·1.5² = 1.125 on both ranks
     assert torch.allclose(lin.weight_quant.second_moment, torch.full((2, 3), 1.125)), lin.weight_quant.second_moment
-    print("OK", rank)
+    print("OK", rank, flush=True)
+    # Without an orderly teardown gloo can abort at interpreter exit ("terminate called …") when the peer
+    # has already gone.
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 

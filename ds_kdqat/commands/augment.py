@@ -1,4 +1,5 @@
-"""TinyBERT-style data augmentation of a task's train file (GLUE tsv in, GLUE tsv out).
+"""TinyBERT-style data augmentation of a task's train file (GLUE tsv in, GLUE tsv out; or, for a task described
+by its columns, CSV / TSV / JSON Lines in, the same format out).
 
 Examples::
 
@@ -9,6 +10,9 @@ Examples::
     # a GLUE task with bert-base-uncased (its own masked-LM head) and glove.6B.300d.txt, 8 ranks
     torchrun --nproc_per_node 8 run/augment.py --task rte --input glue/RTE/train.tsv \\
         --output glue/RTE/train_aug.tsv --mlm_model bert-base-uncased --glove glove.6B.300d.txt
+
+    # your own CSV file (task custom, as kdqat.data describes it): writes data/train_aug.csv
+    ds-kdqat augment --input data/train.csv --text_column text --label_column label --N 20 --mlm_head heads/h.safetensors
 
 Each rank runs its shard (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, or --shard_index/--num_shards);
 the last one to finish merges. A killed job resumes where it stopped when started again with the same
@@ -27,9 +31,15 @@ DESCRIPTION = __doc__
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d, g, m, j = AugmentConfig(), GloveConfig(), MLMConfig(), JobConfig()
-    p.add_argument("--task", default=d.task, help="task name (layout and default N); default %(default)s")
+    p.add_argument("--task", default=None, help=f"task name (layout and default N), or 'custom' for a CSV/TSV/JSONL "
+                   f"file with --text_column/--label_column (implied by them); default {d.task}")
+    p.add_argument("--text_column", action="append", default=None,
+                   help="task custom: a text column of the input (give it twice for a pair); default text")
+    p.add_argument("--label_column", default=None, help="task custom: the label column; default label")
+    p.add_argument("--format", choices=["csv", "tsv", "jsonl"], default=None,
+                   help="task custom: the input's (and output's) format; default: from the extension")
     p.add_argument("--input", default=None, help="train file (default: the embedded task's train split)")
-    p.add_argument("--output", default=None, help="augmented file (default: <input stem>_aug.tsv)")
+    p.add_argument("--output", default=None, help="augmented file (default: <input stem>_aug<input suffix>)")
     p.add_argument("--M", "--num_candidates", dest="num_candidates", type=int, default=d.num_candidates)
     p.add_argument("--p", "--replace_prob", dest="replace_prob", type=float, default=d.replace_prob)
     p.add_argument("--N", "--num_new", dest="num_new", type=int, default=None, help="draws per text (default: per task)")
@@ -58,9 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> AugmentConfig:
     """The :class:`~augment.config.AugmentConfig` of parsed arguments."""
+    described = a.text_column is not None or a.label_column is not None or a.format is not None
     return AugmentConfig(
-        task=a.task,
+        task=a.task or ("custom" if described else AugmentConfig().task),
         input=a.input,
+        text_columns=a.text_column,
+        label_column=a.label_column,
+        format=a.format,
         output=a.output,
         num_candidates=a.num_candidates,
         replace_prob=a.replace_prob,

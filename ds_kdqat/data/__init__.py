@@ -10,15 +10,18 @@ Typical use::
 """
 
 from ds_kdqat.data.config import DataConfig
+from ds_kdqat.data.custom import read_described_file
+from ds_kdqat.data.description import CUSTOM, described_spec, task_spec
 from ds_kdqat.data.embedded import find_rt_polarity_csv, materialize_rt_polarity
 from ds_kdqat.data.encode import EncodedDataset, collate, encode
 from ds_kdqat.data.glue_format import BadRow, Example, ReadReport, read_task_file, write_task_file
-from ds_kdqat.data.loading import load_split, task_dir
+from ds_kdqat.data.loading import load_split, task_dir, with_training_labels
 from ds_kdqat.data.metrics import compute_metrics
 from ds_kdqat.data.tasks import TASKS, TaskSpec, get_task
 
 __all__ = [
-    "BadRow", "DataConfig", "EncodedDataset", "Example", "ReadReport", "TASKS", "TaskSpec", "collate",
+    "BadRow", "CUSTOM", "DataConfig", "EncodedDataset", "Example", "ReadReport", "TASKS", "TaskSpec", "collate",
     "compute_metrics", "encode", "find_rt_polarity_csv", "get_task", "load_split", "materialize_rt_polarity",
-    "read_task_file", "task_dir", "write_task_file",
+    "read_described_file", "read_task_file", "described_spec", "task_dir", "task_spec", "with_training_labels",
+    "write_task_file",
 ]

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from ds_kdqat.data.description import CUSTOM, CUSTOM_KEYS, validate_description
 from ds_kdqat.data.glue_format import ON_BAD_ROW_CHOICES
 from ds_kdqat.data.tasks import TASKS, get_task
 from ds_kdqat.configtools import is_int
@@ -40,6 +41,10 @@ class DataConfig:
         max_train_examples: use only the first N train examples (quick runs); None for all.
         max_eval_examples: use only the first N examples of each evaluation split; None for all.
 
+    Extractive QA (``squad``): ``train_file``/``dev_file`` (SQuAD JSON) and the keys of
+    :mod:`ds_kdqat.data.qa_config` (``version``, ``doc_stride``, ``max_query_length``, ``max_answer_length``,
+    ``null_score_diff_threshold``), refused for other tasks.
+
     Image tasks (``digits``, ``image_folder``, ``hub_images``; :mod:`ds_kdqat.data.images`) use ``data_dir``
     (``image_folder``: ``data_dir/train/<class>/`` and ``data_dir/dev/<class>/``), ``on_bad_row`` (an unreadable
     image), ``dev_fraction``/``split_seed`` (``digits``), the two limits, and for ``hub_images`` only:
@@ -48,6 +53,11 @@ class DataConfig:
         image_column: its image column (default ``"image"``).
         label_column: its label column (default ``"label"``).
         hub_dev_split: the hub split used as dev (default ``"validation"``; e.g. ``"test"`` for CIFAR-10).
+
+    A task from a description (``task: "custom"``, see :mod:`ds_kdqat.data.description`) reads ``train_file``
+    (the train split), ``dev_file``, ``test_file``, ``format``, ``text_columns``, ``label_column``, ``task_type``,
+    ``labels``, ``metrics``, ``primary_metric``, and with source ``"hub"`` ``hub_id``, ``hub_config``,
+    ``hub_train_split``, ``hub_dev_split``, ``hub_test_split``.
     """
 
     task: str = "rt_polarity"
@@ -64,29 +74,69 @@ class DataConfig:
     image_column: Optional[str] = None
     label_column: Optional[str] = None
     hub_dev_split: Optional[str] = None
+    # extractive QA (task "squad"): see ds_kdqat.data.qa_config
+    dev_file: Optional[str] = None
+    version: Optional[int] = None
+    doc_stride: Optional[int] = None
+    max_query_length: Optional[int] = None
+    max_answer_length: Optional[int] = None
+    null_score_diff_threshold: Optional[float] = None
+    # a task from a description (task "custom", which reads dev_file too): see ds_kdqat.data.description
+    test_file: Optional[str] = None
+    format: Optional[str] = None
+    text_columns: Optional[list[str]] = None
+    task_type: Optional[str] = None
+    labels: Optional[list[str]] = None
+    metrics: Optional[list[str]] = None
+    primary_metric: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_train_split: Optional[str] = None
+    hub_test_split: Optional[str] = None
 
     def validate(self, path: str = "kdqat.data") -> None:
         """Raise :class:`ConfigError` naming the key path and the allowed values for the first bad field."""
         if not isinstance(self.task, str):
-            raise ConfigError(f"{path}.task", f"expected a task name, one of {sorted(TASKS)}")
-        spec = get_task(self.task, f"{path}.task")
+            raise ConfigError(f"{path}.task", f"expected a task name, one of {sorted(TASKS)}, or '{CUSTOM}'")
         if self.source not in SOURCE_CHOICES:
             raise ConfigError(f"{path}.source", f"{self.source!r} is not one of {list(SOURCE_CHOICES)}")
+        for key in ("data_dir", "train_file", "dev_file", "test_file", *HUB_IMAGE_KEYS):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                what = "path string" if key in ("data_dir", "train_file", "dev_file", "test_file") else "string"
+                raise ConfigError(f"{path}.{key}", f"expected a non-empty {what} or null, got {value!r}")
+        if self.task == CUSTOM:
+            validate_description(self, path)
+        else:
+            self._validate_preset(path)
+        self._validate_common(path)
+
+    def _validate_preset(self, path: str) -> None:
+        """The keys of a registered task (GLUE, rt_polarity, image tasks)."""
+        if self.task not in TASKS:
+            raise ConfigError(f"{path}.task", f"unknown task {self.task!r}; known tasks: {', '.join(sorted(TASKS))}, "
+                              f"or '{CUSTOM}' for a task described by its files and columns")
+        spec = get_task(self.task, f"{path}.task")
+        for key in CUSTOM_KEYS:
+            if key != "dev_file" and getattr(self, key) is not None:  # dev_file: QA's too, checked there
+                raise ConfigError(f"{path}.{key}", f"only for task '{CUSTOM}' (task is {self.task!r}, whose files, "
+                                  "columns and metrics are fixed)")
         if self.source == "hub" and spec.hub_id is None and spec.name != HUB_IMAGES:
             hint = f"; for an image dataset on the hub use task '{HUB_IMAGES}'" if spec.is_image else ""
             raise ConfigError(f"{path}.source", f"task {self.task!r} is not on the hub; use 'local'{hint}")
-        for key in ("data_dir", "train_file", *HUB_IMAGE_KEYS):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, str) or not value):
-                what = "path string" if key in ("data_dir", "train_file") else "string"
-                raise ConfigError(f"{path}.{key}", f"expected a non-empty {what} or null, got {value!r}")
         self._validate_image_keys(spec, path)
-        if self.source == "local" and not spec.embedded and not spec.is_image and self.data_dir is None:
+        from ds_kdqat.data.qa_config import validate_qa_keys  # noqa: PLC0415 - qa imports torch
+
+        validate_qa_keys(self, spec, path)
+        if self.source == "local" and not spec.embedded and not spec.is_image and not spec.is_qa \
+                and self.data_dir is None:
             files = ", ".join(spec.split_files.values())
             raise ConfigError(
                 f"{path}.data_dir",
                 f"required for task {self.task!r} with source 'local': a GLUE-format folder holding {files}",
             )
+
+    def _validate_common(self, path: str) -> None:
+        """The keys every task reads."""
         if not is_int(self.max_seq_length) or self.max_seq_length < MIN_SEQ_LENGTH:
             raise ConfigError(f"{path}.max_seq_length", f"expected an integer >= {MIN_SEQ_LENGTH}, got {self.max_seq_length!r}")
         if self.on_bad_row not in ON_BAD_ROW_CHOICES:

@@ -51,7 +51,9 @@ class EncodedDataset(Dataset):
         token_type_ids: Optional[torch.Tensor],
         pad_token_id: int,
         pad_token_type_id: int = 0,
+        class_names: Sequence[str] = (),
     ):
+        self.class_names = tuple(class_names)  # the task's labels in class-index order (empty for regression)
         self.input_ids = input_ids
         self.offsets = offsets
         self.labels = labels
@@ -185,6 +187,7 @@ def encode(examples: Sequence[Example], tokenizer: Any, spec: TaskSpec, max_seq_
         token_type_ids=torch.cat(type_parts) if has_types else None,
         pad_token_id=int(tokenizer.pad_token_id),
         pad_token_type_id=int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+        class_names=spec.labels,
     )
 
 

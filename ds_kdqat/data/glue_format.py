@@ -48,6 +48,8 @@ class Example:
         label: raw label string (``"1"``, ``"entailment"``, or the STS-B score as written).
         line: 1-based line of the file it was read from (for hub examples: 1-based row number in the split).
         row: all raw fields of that line, in file column order (for hub examples: the hub columns' values).
+        record: for a described task (:mod:`ds_kdqat.data.custom`), the row as read (column -> value), so that
+            it can be written back in its own format; else None.
     """
 
     text_a: str
@@ -55,6 +57,7 @@ class Example:
     label: str
     line: int
     row: list[str] = field(default_factory=list)
+    record: Optional[dict] = None
 
 
 @dataclass(frozen=True)

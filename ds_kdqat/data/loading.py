@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ds_kdqat.data.config import DataConfig
+from ds_kdqat.data.custom import load_described_hub_split, read_described_file
+from ds_kdqat.data.description import discover_labels, is_described, task_spec
 from ds_kdqat.data.embedded import materialize_rt_polarity, project_data_cache
 from ds_kdqat.fileio import PathLike
 from ds_kdqat.data.glue_format import BadRow, Example, read_task_file
@@ -36,23 +38,31 @@ def task_dir(config: DataConfig, cache_dir: Optional[PathLike] = None) -> Path:
     raise DataError(spec.name, "no data_dir given for a local GLUE-format task")
 
 
-def load_split(config: DataConfig, split: str, cache_dir: Optional[PathLike] = None) -> list[Example]:
+def load_split(
+    config: DataConfig, split: str, cache_dir: Optional[PathLike] = None, spec: Optional[TaskSpec] = None
+) -> list[Example]:
     """Examples of ``split`` (``"train"`` or one of ``spec.eval_splits``) for ``config``.
 
     ``config.train_file`` replaces the train split; ``config.max_train_examples`` /
     ``config.max_eval_examples`` keep the first N. Skipped bad rows (``on_bad_row="skip"``) are logged one
     by one with their file:line.
 
+    ``spec``: the task, by default :func:`~ds_kdqat.data.description.task_spec` of ``config``. For a described
+    classification task whose classes come from the data, pass the spec returned by :func:`with_training_labels`
+    when loading an evaluation split, so that its labels are checked against the training classes.
+
     Raises:
         ValueError: unknown split name for the task.
         DataError: bad data (see :func:`ds_kdqat.data.glue_format.read_task_file`) or missing embedded data.
         FileNotFoundError: a local file that is not there.
     """
-    spec = get_task(config.task)
+    spec = spec if spec is not None else task_spec(config)
     if split not in spec.split_files:
         raise ValueError(f"task {spec.name!r} has no split {split!r}; its splits are {list(spec.splits)}")
 
-    if split == "train" and config.train_file is not None:
+    if is_described(config):
+        examples = _load_described(config, spec, split)
+    elif split == "train" and config.train_file is not None:
         examples = _read_local(Path(config.train_file), spec, config)
     elif config.source == "hub":
         examples = load_hub_split(spec, split, config.on_bad_row)
@@ -61,6 +71,33 @@ def load_split(config: DataConfig, split: str, cache_dir: Optional[PathLike] = N
 
     limit = config.max_train_examples if split == "train" else config.max_eval_examples
     return examples[:limit] if limit is not None else examples
+
+
+def _load_described(config: DataConfig, spec: TaskSpec, split: str) -> list[Example]:
+    """A split of a described task: its file, or (source ``hub``) its hub split unless train_file replaces it."""
+    if config.source == "hub" and not (split == "train" and config.train_file is not None):
+        return load_described_hub_split(config, spec, split)
+    path = Path(config.train_file if split == "train" else spec.split_files[split])
+    examples, report = read_described_file(path, spec, config.format, config.on_bad_row)
+    _log_bad_rows(report.bad_rows)
+    logger.info("%s", report.summary())
+    return examples
+
+
+def with_training_labels(spec: TaskSpec, train: Sequence[Example], source: str = "train") -> TaskSpec:
+    """``spec`` with its classes, for a classification task that takes them from the data
+    (:func:`~ds_kdqat.data.description.discover_labels` of the training labels); ``spec`` itself otherwise.
+
+    Raises:
+        DataError: at ``source``, when the training data holds fewer than two classes.
+    """
+    if not spec.labels_from_data or spec.is_image:
+        return spec
+    labels = discover_labels(example.label for example in train)
+    if len(labels) < 2:
+        raise DataError(source, f"the training data has {len(labels)} class(es) {list(labels)}; a classifier needs "
+                                "at least two")
+    return spec.with_labels(labels)
 
 
 def _read_local(path: Path, spec: TaskSpec, config: DataConfig) -> list[Example]:

@@ -1,4 +1,4 @@
-"""Task metrics: accuracy, F1, Matthews correlation (scikit-learn), Pearson and Spearman correlation (scipy).
+"""Task metrics: accuracy, F1 (binary, macro, micro), Matthews correlation (scikit-learn), Pearson and Spearman correlation (scipy).
 
 All functions take 1-D arrays of equal, non-zero length and return a Python float.
 
@@ -70,6 +70,19 @@ def f1_score(predictions: ArrayLike, labels: ArrayLike, positive: int = 1) -> fl
     return float(sk_f1_score(y, p, labels=[positive], average="macro", zero_division=0.0))
 
 
+def averaged_f1(predictions: ArrayLike, labels: ArrayLike, num_classes: int, average: str) -> float:
+    """F1 over all ``num_classes`` classes: ``"macro"`` = unweighted mean of the per-class F1 (a class that is
+    neither predicted nor present scores 0.0, so a collapsed model is not rewarded); ``"micro"`` = F1 of the
+    pooled counts, which for single-label classification equals accuracy (``sklearn.metrics.f1_score`` with
+    ``labels=range(num_classes)``, ``zero_division=0``)."""
+    from sklearn.metrics import f1_score as sk_f1_score
+
+    if average not in ("macro", "micro"):
+        raise ValueError(f"average must be 'macro' or 'micro', got {average!r}")
+    p, y = _pair(predictions, labels)
+    return float(sk_f1_score(y, p, labels=list(range(num_classes)), average=average, zero_division=0.0))
+
+
 def matthews_corrcoef(predictions: ArrayLike, labels: ArrayLike) -> float:
     """Matthews correlation coefficient, multi-class form (Gorodkin's R_K; ``sklearn.metrics.matthews_corrcoef``).
 
@@ -129,6 +142,16 @@ def _f1(p: np.ndarray, y: np.ndarray, spec: TaskSpec) -> float:
     if "1" not in spec.labels:
         raise ValueError(f"f1 needs a positive label '1'; task {spec.name!r} has labels {spec.labels}")
     return f1_score(p, y, positive=spec.labels.index("1"))
+
+
+@register_metric("macro_f1")
+def _macro_f1(p: np.ndarray, y: np.ndarray, spec: TaskSpec) -> float:
+    return averaged_f1(p, y, spec.num_labels, "macro")
+
+
+@register_metric("micro_f1")
+def _micro_f1(p: np.ndarray, y: np.ndarray, spec: TaskSpec) -> float:
+    return averaged_f1(p, y, spec.num_labels, "micro")
 
 
 @register_metric("mcc")

@@ -27,9 +27,11 @@ from typing import Callable, Optional, Sequence
 from ds_kdqat.errors import ConfigError
 
 #: Metric names understood by :mod:`ds_kdqat.data.metrics`.
-METRIC_NAMES = ("accuracy", "f1", "mcc", "pearson", "spearman")
+METRIC_NAMES = ("accuracy", "f1", "macro_f1", "micro_f1", "mcc", "pearson", "spearman")
 #: What a task's examples are: text (one or two sentences, tokenised) or images (pixel_values).
-TASK_KINDS = ("text", "image_classification")
+TASK_KINDS = ("text", "image_classification", "qa")
+#: Metric names of extractive QA (``kind="qa"``), computed by :mod:`ds_kdqat.data.qa_metrics`.
+QA_METRIC_NAMES = ("exact_match", "f1")
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,14 @@ class TaskSpec:
         if self.labels_from_data:
             if self.labels or self.is_regression:
                 raise ValueError(f"{where}: labels_from_data is for a classification task without a label list")
-        elif self.is_regression == bool(self.labels):
+        elif self.kind != "qa" and self.is_regression == bool(self.labels):
             raise ValueError(f"{where}: a regression task has no label list, a classification task needs one")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"{where}: duplicate labels in {self.labels}")
-        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
+        known = QA_METRIC_NAMES if self.kind == "qa" else METRIC_NAMES
+        unknown = [m for m in self.metrics if m not in known]
         if unknown or not self.metrics:
-            raise ValueError(f"{where}: metrics {self.metrics} must be non-empty names from {METRIC_NAMES}")
+            raise ValueError(f"{where}: metrics {self.metrics} must be non-empty names from {known}")
         if self.primary_metric not in self.metrics:
             raise ValueError(f"{where}: primary_metric {self.primary_metric!r} is not in {self.metrics}")
         if self.has_header == bool(self.columns):
@@ -115,6 +118,11 @@ class TaskSpec:
                 raise ValueError(f"{where}: hub_text_fields must align with text_fields")
             if not self.is_regression and sorted(self.hub_label_map.values()) != sorted(self.labels):
                 raise ValueError(f"{where}: hub_label_map values must be the labels {self.labels}")
+
+    @property
+    def is_qa(self) -> bool:
+        """True for extractive question answering (SQuAD JSON, read by :mod:`ds_kdqat.data.qa`)."""
+        return self.kind == "qa"
 
     @property
     def is_image(self) -> bool:
@@ -323,4 +331,18 @@ def hub_images() -> TaskSpec:
         name="hub_images", text_fields=("image",), label_field="label", labels=(), is_regression=False,
         metrics=("accuracy",), primary_metric="accuracy", split_files=dict(_IMAGE_SPLITS),
         kind="image_classification", labels_from_data=True,
+    )
+
+
+# --- extractive question answering (ds_kdqat.data.qa) ------------------------------------------------------------
+
+
+@register_task
+def squad() -> TaskSpec:
+    # SQuAD v1.1 / v2.0 JSON (data.version); data.train_file / data.dev_file, or data_dir/{train,dev}.json.
+    # Labels are token spans; metrics in percent, as the official scripts print them.
+    return TaskSpec(
+        name="squad", text_fields=("question", "context"), label_field="answers", labels=(), is_regression=False,
+        metrics=("exact_match", "f1"), primary_metric="f1",
+        split_files={"train": "train.json", "dev": "dev.json"}, kind="qa",
     )

@@ -158,6 +158,48 @@ class TeacherInterventionConfig:
 
 
 @dataclass
+class StageSpec:
+    """One stage of the KD-QAT step (``distill.stages``): the ``terms`` it minimises (registered term names,
+    each with coefficient 1 × its weight) and its ``fraction`` of the total steps. The last stage's fraction
+    may be omitted: it takes the rest. TernaryBERT's SQuAD schedule is two stages: the Transformer-layer terms,
+    then those plus the prediction term::
+
+        "stages": [{"terms": ["layer_output", "attention_score"], "fraction": 0.5},
+                   {"terms": ["layer_output", "attention_score", "span_pred"]}]
+    """
+
+    terms: list[str] = field(default_factory=list)
+    fraction: Optional[float] = None
+
+    def validate(self, path: str = "stages[0]") -> None:
+        if not self.terms:
+            raise ConfigError(f"{path}.terms", "a stage needs a non-empty list of terms; allowed: " + _allowed(TERMS))
+        for position, term in enumerate(self.terms):
+            _check_name(term, tuple(TERMS), f"{path}.terms[{position}]")
+        if len(set(self.terms)) != len(self.terms):
+            raise ConfigError(f"{path}.terms", f"got {self.terms!r}; a term is listed twice")
+        if self.fraction is not None and (not isinstance(self.fraction, (int, float)) or isinstance(self.fraction, bool)
+                                          or not 0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"{path}.fraction", f"got {self.fraction!r}; expected a number in (0, 1]")
+
+
+def _validate_stages(stages: list[StageSpec], path: str) -> None:
+    """Every stage but the last has a fraction; they leave the last stage steps (or, all given, sum to 1)."""
+    for position, stage in enumerate(stages):
+        stage.validate(f"{path}[{position}]")
+        if stage.fraction is None and position < len(stages) - 1:
+            raise ConfigError(f"{path}[{position}].fraction", "required for every stage but the last")
+    given = sum(stage.fraction for stage in stages[:-1])
+    last = stages[-1].fraction
+    if last is None and given >= 1.0:
+        raise ConfigError(f"{path}[{len(stages) - 1}]", f"the stages before it take {given:g} of the steps; "
+                                                        "nothing is left for the last stage")
+    if last is not None and abs(given + last - 1.0) > 1e-9:
+        raise ConfigError(f"{path}[{len(stages) - 1}].fraction", f"the fractions sum to {given + last:g}; they must "
+                                                                 "sum to 1 (or omit the last stage's)")
+
+
+@dataclass
 class DistillConfig:
     """What the student is trained on, and for how long relative to the base schedule.
 
@@ -172,6 +214,8 @@ class DistillConfig:
     ``temperature``: of the soft cross-entropy on logits; ``map_temperature``: of the attention-map KL.
     ``budget``: total steps as a multiple of the base schedule: ``"O"`` (1×), ``"O2"``, ``"O4"`` or a
     number > 0.
+    ``stages``: recipe ``custom`` only, instead of ``terms``: the KD-QAT step as successive stages, each with
+    its own terms and share of the steps (:class:`StageSpec`; one learning-rate schedule over all of them).
     """
 
     recipe: str = "ternarybert"
@@ -184,6 +228,7 @@ class DistillConfig:
     terms: list[str] = field(default_factory=list)
     ti: TeacherInterventionConfig = field(default_factory=TeacherInterventionConfig)
     budget: float | str = "O"
+    stages: list[StageSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, TermWeights) and isinstance(self.weights, dict):
@@ -204,7 +249,13 @@ class DistillConfig:
         for position, term in enumerate(self.terms):
             _check_name(term, tuple(TERMS), f"{path}.terms[{position}]")
         uses_custom = self.kd_recipe == "custom"
-        if uses_custom and not self.terms:
+        if self.stages:
+            if self.recipe != "custom":
+                raise ConfigError(f"{path}.stages", f"only with recipe \"custom\" (recipe is \"{self.recipe}\")")
+            if self.terms:
+                raise ConfigError(f"{path}.terms", "not used with stages: each stage lists its own terms")
+            _validate_stages(self.stages, f"{path}.stages")
+        elif uses_custom and not self.terms:
             raise ConfigError(f"{path}.terms", "the \"custom\" recipe needs a non-empty list of terms; allowed: "
                               + _allowed(TERMS))
         if not uses_custom and self.terms:

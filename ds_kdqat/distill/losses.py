@@ -194,3 +194,52 @@ def ground_truth_mse(logits: Tensor, labels: Tensor) -> Tensor:
     prediction = logits.squeeze(-1) if logits.dim() == labels.dim() + 1 else logits
     _check_same_shape(prediction, labels, "ground_truth_mse")
     return (prediction - labels.to(prediction.dtype)).pow(2).mean()
+
+
+def _mask_padding(logits: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """``logits`` (B, S) with padded positions at the most negative finite value (softmax weight 0)."""
+    if attention_mask is None:
+        return logits
+    keep = attention_mask.to(device=logits.device).bool()
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+
+
+def span_soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+                            attention_mask: Optional[Tensor] = None) -> Tensor:
+    """Soft cross-entropy of extractive-QA span logits, the mean of the start and the end term.
+
+    Logits (B, S, 2) (``[..., 0]`` start, ``[..., 1]`` end). For each of the two, the distributions are over
+    the positions of a sequence (padded positions of ``attention_mask`` left out):
+    CE_b = −Σ_s softmax(t_b/τ)_s · log_softmax(s_b/τ)_s, averaged over the batch; loss = (CE_start + CE_end)/2.
+    No τ² factor.
+    """
+    _check_same_shape(student_logits, teacher_logits, "span_soft_cross_entropy")
+    if student_logits.dim() != 3 or student_logits.shape[-1] != 2:
+        raise ValueError(f"span_soft_cross_entropy: expected (B, S, 2) logits, got {tuple(student_logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"span_soft_cross_entropy: temperature must be > 0, got {temperature}")
+    total = 0.0
+    for k in (0, 1):
+        student = _mask_padding(student_logits[..., k] / temperature, attention_mask)
+        teacher = _mask_padding(teacher_logits[..., k] / temperature, attention_mask)
+        target = torch.softmax(teacher, dim=-1)
+        product = target * torch.log_softmax(student, dim=-1)
+        if attention_mask is not None:
+            product = product.masked_fill(~attention_mask.to(device=product.device).bool(), 0.0)
+        total = total + (-product.sum(-1)).mean()
+    return total / 2
+
+
+def span_cross_entropy(logits: Tensor, positions: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """Supervised extractive-QA loss: the mean of the cross-entropies of the start logits against the start
+    positions and of the end logits against the end positions.
+
+    ``logits`` (B, S, 2); ``positions`` (B, 2) token indices (start, end), -100 ignored; padded positions of
+    ``attention_mask`` are no candidates.
+    """
+    if logits.dim() != 3 or logits.shape[-1] != 2 or positions.shape != (logits.shape[0], 2):
+        raise ValueError(f"span_cross_entropy: expected (B, S, 2) logits and (B, 2) positions, got "
+                         f"{tuple(logits.shape)} and {tuple(positions.shape)}")
+    losses = [F.cross_entropy(_mask_padding(logits[..., k], attention_mask), positions[:, k].long(),
+                              ignore_index=-100) for k in (0, 1)]
+    return (losses[0] + losses[1]) / 2

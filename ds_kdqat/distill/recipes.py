@@ -40,7 +40,7 @@ from .terms import TERMS, Term, TermContext
 if TYPE_CHECKING:
     from .config import DistillConfig
 
-TaskType = Literal["classification", "regression"]
+TaskType = Literal["classification", "regression", "qa"]
 Composition = Callable[["DistillConfig"], dict[str, float]]
 
 
@@ -185,8 +185,8 @@ def build_objective(config: "DistillConfig", num_layers: int, task_type: TaskTyp
                     path: str = "distill") -> DistillObjective:
     """The objective of ``config`` for a model with ``num_layers`` transformer layers."""
     config.validate(path)
-    if task_type not in ("classification", "regression"):
-        raise ValueError(f"task_type must be 'classification' or 'regression', got {task_type!r}")
+    if task_type not in ("classification", "regression", "qa"):
+        raise ValueError(f"task_type must be 'classification', 'regression' or 'qa', got {task_type!r}")
     coefficients = term_coefficients(config)
     if not coefficients:
         raise ConfigError(f"{path}.weights", f"every term of recipe \"{config.recipe}\" has weight 0")

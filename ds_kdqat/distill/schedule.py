@@ -9,6 +9,10 @@ budget "O"):
   or ``ti_map`` (TI-M), then ``kd`` for the rest, continuing from the intervened student;
 * ``ti_gradual``: the TI step is ``ti_output`` for round(ti.output_fraction × TI steps), then ``ti_map``.
 
+With ``distill.stages`` (recipe ``custom``) the KD step is cut into ``kd_stage1``, ``kd_stage2``, … of
+round(fraction × total) steps each, the last taking the rest; each stage has its own terms (TernaryBERT's
+SQuAD schedule: the Transformer-layer terms, then those plus the prediction term).
+
 Phases with no step are left out. During a TI phase the student is trained with the same objective as in
 ``kd`` (``ti.kd_recipe``): this follows the paper, whose TI step keeps the baseline's KD losses
 (prediction, layer outputs, attention) while the teacher's tensors are written into the student's forward.
@@ -31,7 +35,8 @@ from ds_kdqat.models.taps import EncoderTaps, Interventions
 
 from .config import DistillConfig, budget_multiplier
 
-PhaseName = Literal["ti_output", "ti_map", "kd", "supervised"]
+PhaseName = Literal["ti_output", "ti_map", "kd", "supervised"]  # or a stage: kd_stage1, kd_stage2, …
+STAGE_PREFIX = "kd_stage"
 
 # Phase -> the teacher tap its interventions are built from.
 INTERVENTION_TAPS: dict[str, frozenset[str]] = {
@@ -87,6 +92,22 @@ class TrainingPlan:
         return self.span_at(step).phase
 
 
+def stage_phase(index: int) -> str:
+    """The phase name of 0-based stage ``index`` of ``distill.stages``: ``kd_stage1``, …"""
+    return f"{STAGE_PREFIX}{index + 1}"
+
+
+def stage_index(phase: str) -> Optional[int]:
+    """The 0-based stage index of a ``kd_stage<n>`` phase; None for any other phase."""
+    suffix = phase[len(STAGE_PREFIX):] if phase.startswith(STAGE_PREFIX) else ""
+    return int(suffix) - 1 if suffix.isdigit() else None
+
+
+def is_kd_phase(phase: str) -> bool:
+    """A phase without Teacher Intervention: ``kd`` or a stage of ``distill.stages``."""
+    return phase == "kd" or stage_index(phase) is not None
+
+
 def _round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
 
@@ -106,6 +127,10 @@ def plan_training(config: DistillConfig, base_steps: int) -> TrainingPlan:
         else:
             lengths.append(("ti_output" if config.recipe == "ti_output" else "ti_map", ti_steps))
         lengths.append(("kd", total - ti_steps))
+    elif config.stages:
+        for index, stage in enumerate(config.stages[:-1]):
+            lengths.append((stage_phase(index), _round_half_up(stage.fraction * total)))
+        lengths.append((stage_phase(len(config.stages) - 1), max(0, total - sum(n for _, n in lengths))))
     else:
         lengths.append(("kd", total))
     spans, start = [], 0
@@ -131,7 +156,7 @@ def build_interventions(phase: PhaseName, teacher: EncoderTaps,
     attention maps replace the student's (TI-M). ``layers``: the layers to intervene (None = all).
     The teacher may run under ``torch.no_grad()`` or ``torch.inference_mode()``.
     """
-    if phase == "kd":
+    if is_kd_phase(phase):
         return None
     if phase not in INTERVENTION_TAPS:
         raise ValueError(f"unknown phase {phase!r}; known: {', '.join(INTERVENTION_TAPS)}")
@@ -147,6 +172,7 @@ def build_interventions(phase: PhaseName, teacher: EncoderTaps,
 def teacher_record(required_taps: frozenset[str], record_layers: Sequence[int], phase: PhaseName,
                    intervene_layers: Sequence[int]) -> tuple[frozenset[str], tuple[int, ...]]:
     """(tap names, layers) the teacher forward must record for the objective plus the phase's interventions."""
-    names = frozenset(required_taps) | INTERVENTION_TAPS[phase]
-    layers = set(record_layers) | (set(intervene_layers) if phase != "kd" else set())
+    kd = is_kd_phase(phase)
+    names = frozenset(required_taps) | (frozenset() if kd else INTERVENTION_TAPS[phase])
+    layers = set(record_layers) | (set(intervene_layers) if not kd else set())
     return names, tuple(sorted(layers))

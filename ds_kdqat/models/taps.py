@@ -22,7 +22,7 @@ tap name               shape                what
 These are the post-LN (BERT) definitions; a pre-LN family documents its counterparts in its adapter module
 (ViT: ``Y_l = X_l + MHA(LN(X_l))``, ``X_{l+1} = Y_l + FFN(LN(Y_l))``, see :mod:`.families.vit`).
 
-``logits`` (the head's output, e.g. (B, C); None for a bare encoder) and ``attention_mask`` ((B, S) bool,
+``logits`` (the head's output, e.g. (B, C); (B, S, 2) start/end for a QA head; None for a bare encoder) and ``attention_mask`` ((B, S) bool,
 True = real token) are always returned. Inputs without padding (``pixel_values``: S = patches + [CLS]) get
 an all-True mask of the sequence the layers see.
 
@@ -266,6 +266,16 @@ def _check_interventions(interventions: Interventions, num_layers: int) -> None:
                 raise ValueError(f"intervention {name}[{layer}]: the model has layers 0..{num_layers - 1}")
 
 
+def output_logits(output: Any) -> Optional[torch.Tensor]:
+    """The head's ``logits``; for an extractive-QA head (``start_logits``/``end_logits``, each (B, S)) the two
+    stacked as (B, S, 2) (``[..., 0]`` start, ``[..., 1]`` end); None for a bare encoder."""
+    logits = getattr(output, "logits", None)
+    start = getattr(output, "start_logits", None)
+    if logits is None and start is not None:
+        return torch.stack([start, output.end_logits], dim=-1)
+    return logits
+
+
 def forward_with_taps(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -321,7 +331,7 @@ def forward_with_taps(
             handle.remove()
 
     taps = recorder.taps
-    taps.logits = getattr(output, "logits", None)
+    taps.logits = output_logits(output)
     if attention_mask is None:
         shape, device = sequence
         attention_mask = torch.ones(shape, dtype=torch.bool, device=device)

@@ -79,6 +79,20 @@ def has_image_classification_head(config: Any, num_labels: int) -> bool:
     return has_head and config.num_labels == num_labels
 
 
+def load_question_answering(path: str, local_files_only: bool = False) -> nn.Module:
+    """``AutoModelForQuestionAnswering`` with eager attention (start/end logits; a new span head when the
+    checkpoint has none)."""
+    from transformers import AutoModelForQuestionAnswering
+
+    return AutoModelForQuestionAnswering.from_pretrained(path, local_files_only=local_files_only,
+                                                         attn_implementation="eager")
+
+
+def has_question_answering_head(config: Any) -> bool:
+    """The checkpoint was saved as a ``…ForQuestionAnswering``."""
+    return any(a.endswith("ForQuestionAnswering") for a in (config.architectures or []))
+
+
 @dataclass(frozen=True, eq=False)
 class FamilyAdapter:
     """One model family (see the module docstring). Paths are dotted, as in ``nn.Module.get_submodule``.
@@ -100,6 +114,8 @@ class FamilyAdapter:
     ``token_type_ids``) or ``"pixels"`` (``pixel_values`` (B, C, H, W)).
     ``load_task_model(path, num_labels, problem_type, local_files_only)``: the task model (eager attention);
     ``has_task_head(config, num_labels)``: whether a checkpoint already has that task head (no fine-tuning).
+    ``load_qa_model(path, local_files_only)``: the extractive-QA model (start/end logits, eager attention), None
+    when the family has none; ``has_qa_head(config)``: whether a checkpoint already has the QA head.
     ``status``: ``"supported"`` (the whole pipeline) or ``"partial"`` (``note`` says what works).
     """
 
@@ -117,6 +133,8 @@ class FamilyAdapter:
     token_type_ids: bool = True
     load_task_model: Callable[..., nn.Module] = load_sequence_classifier
     has_task_head: Callable[[Any, int], bool] = has_sequence_classification_head
+    load_qa_model: Optional[Callable[..., nn.Module]] = None
+    has_qa_head: Optional[Callable[[Any], bool]] = None
     status: Status = "supported"
     note: str = ""
     _compiled: Mapping[str, tuple[re.Pattern, ...]] = field(init=False, repr=False)

@@ -12,9 +12,10 @@ interface) → ``attention.output`` (``XxxSelfOutput``: dense = W_O → dropout 
 
 Task model: ``AutoModelForSequenceClassification``. BERT's has a pooler (``pooler.dense`` on [CLS]); RoBERTa's
 and ELECTRA's classification models have none (their head's dense is the classifier's, not a role).
+Extractive QA: ``AutoModelForQuestionAnswering`` (``qa_outputs``: start/end logits per token).
 """
 
-from .base import FamilyAdapter, per_layer, register_family
+from .base import FamilyAdapter, has_question_answering_head, load_question_answering, per_layer, register_family
 
 LAYERS = "encoder.layer"
 
@@ -40,4 +41,6 @@ def bert_family() -> FamilyAdapter:
         attention_output="attention.output",
         input_kind="tokens",
         token_type_ids=True,
+        load_qa_model=load_question_answering,
+        has_qa_head=has_question_answering_head,
     )

@@ -57,7 +57,6 @@ for it); a saved task model (``architectures`` names one of the classes below) i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
