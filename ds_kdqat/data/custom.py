@@ -20,7 +20,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from ds_kdqat.data.files import format_of, has_column, lookup, read_table
-from ds_kdqat.data.glue_format import BadRow, Example, ReadReport
+from ds_kdqat.data.glue_format import BadRow, Example, ReadReport, collect_examples
 from ds_kdqat.data.tasks import TaskSpec
 from ds_kdqat.errors import DataError
 from ds_kdqat.fileio import PathLike
@@ -52,24 +52,10 @@ def read_described_file(
     check_columns(spec, table.columns, where, "the header has" if fmt in ("csv", "tsv") else "the file has")
     report = ReadReport(path=path_str, header=list(table.columns) if fmt in ("csv", "tsv") else None,
                         columns=list(table.columns))
-    examples: list[Example] = []
-    for record in table.records:
-        report.rows += 1
-        if record.reason is not None:
-            example, reason = None, record.reason
-        else:
-            example, reason = row_example(spec, record.values, record.line, table.columns)
-        if reason is not None:
-            if on_bad_row == "error":
-                raise DataError(f"{path_str}:{record.line}", reason)
-            report.bad_rows.append(BadRow(f"{path_str}:{record.line}", reason))
-            continue
-        examples.append(example)
-    report.examples = len(examples)
-    if not examples:
-        first = report.bad_rows[0] if report.bad_rows else None
-        raise DataError(path_str, f"no usable rows: all {report.rows} rows are bad (first: {first})")
-    return examples, report
+    rows = ((record.line, None, record.reason) if record.reason is not None
+            else (record.line, *row_example(spec, record.values, record.line, table.columns))
+            for record in table.records)
+    return collect_examples(rows, path_str, on_bad_row, report), report
 
 
 def check_columns(spec: TaskSpec, columns: Sequence[str], where: str, has: str = "the file has") -> None:

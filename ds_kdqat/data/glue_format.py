@@ -218,23 +218,31 @@ def read_task_file(
     if len(lines) == first_data:
         raise DataError(path_str, "no rows after the header" if header is not None else "no rows")
 
+    rows = ((first_data + offset + 1,
+             *_parse_row(raw, first_data + offset + 1, spec, len(columns), text_idx, label_idx))
+            for offset, raw in enumerate(lines[first_data:]))
+    return collect_examples(rows, path_str, on_bad_row, report), report
+
+
+def collect_examples(rows: Iterable[tuple[int, Optional[Example], Optional[str]]], path_str: str,
+                     on_bad_row: str, report: ReadReport) -> list[Example]:
+    """The examples of ``rows`` — ``(line, example, reason)``, ``reason`` None for a good row — with the
+    bad-row policy applied: ``"error"`` raises :class:`DataError` at ``path_str:line``, ``"skip"`` records the row
+    in ``report.bad_rows``. Counts go into ``report``; a file without a usable row is a DataError."""
     examples: list[Example] = []
-    for offset, raw in enumerate(lines[first_data:]):
-        lineno = first_data + offset + 1
+    for line, example, reason in rows:
         report.rows += 1
-        example, reason = _parse_row(raw, lineno, spec, len(columns), text_idx, label_idx)
         if reason is not None:
             if on_bad_row == "error":
-                raise DataError(f"{path_str}:{lineno}", reason)
-            report.bad_rows.append(BadRow(f"{path_str}:{lineno}", reason))
+                raise DataError(f"{path_str}:{line}", reason)
+            report.bad_rows.append(BadRow(f"{path_str}:{line}", reason))
             continue
         examples.append(example)
-
     report.examples = len(examples)
     if not examples:
         first = report.bad_rows[0] if report.bad_rows else None
         raise DataError(path_str, f"no usable rows: all {report.rows} rows are bad (first: {first})")
-    return examples, report
+    return examples
 
 
 def _parse_row(
