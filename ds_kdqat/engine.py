@@ -12,9 +12,9 @@ micro batches make one optimizer *step*. The loop's whole position is the global
 checkpoint at step s resumes with the same data order, RNG, optimizer and scheduler state as if it had not
 stopped (see :mod:`ds_kdqat.training.order` and :mod:`ds_kdqat.training.checkpoint`).
 
-The loop itself (:func:`run_loop`) only iterates micro batches and runs the step; logging, evaluation, the LAT
-update, checkpoints and stopping are callbacks (:mod:`ds_kdqat.training.callbacks`). The step's forward half is
-:func:`ds_kdqat.distill.step.kd_forward`; the phases are :mod:`ds_kdqat.distill.phases`.
+The loop itself (:func:`ds_kdqat.training.loop.run_loop`) only iterates micro batches and runs the step;
+logging, evaluation, the LAT update, checkpoints and stopping are callbacks (:mod:`ds_kdqat.training.callbacks`).
+The step's forward half is :func:`ds_kdqat.distill.step.kd_forward`; the phases are :mod:`ds_kdqat.distill.phases`.
 """
 
 from __future__ import annotations
