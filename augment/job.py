@@ -158,6 +158,19 @@ class Plan:
         return self.chunk_marker(k).is_file()
 
 
+def _refuse_foreign_files(output_path: Path, parts: Path, job_file: Path) -> None:
+    """A job writes only files it owns: a new job (no ``parts/job.json`` yet) refuses an existing output
+    file and a non-empty parts folder, which hold someone else's data; a resumed job rewrites its own."""
+    if job_file.is_file():
+        return
+    if output_path.exists():
+        raise ConfigError("augment.output", f"{output_path} exists and was not written by this augmentation job; "
+                          "choose another output path (nothing was changed)")
+    if parts.is_dir() and any(parts.iterdir()):
+        raise ConfigError("augment.job.parts_dir", f"{parts} is not empty and holds no job.json of an augmentation "
+                          "job; choose another parts_dir (nothing was changed)")
+
+
 def make_plan(cfg: AugmentConfig) -> Plan:
     """Validate, read the input (bad rows per ``on_bad_row``), check/record the job identity."""
     cfg.validate("augment")
@@ -182,9 +195,10 @@ def make_plan(cfg: AugmentConfig) -> Plan:
         logger.warning("%d bad rows skipped in %s", report.skipped, input_path)
     index, count = resolve_shard(cfg)
     parts = Path(cfg.job.parts_dir) if cfg.job.parts_dir is not None else output_path.with_name(output_path.name + ".parts")
+    job_file = parts / "job.json"
+    _refuse_foreign_files(output_path, parts, job_file)
     parts.mkdir(parents=True, exist_ok=True)
     identity = job_identity(cfg, sha256_file(input_path))
-    job_file = parts / "job.json"
     if job_file.is_file():
         recorded = json.loads(job_file.read_text(encoding="utf-8"))
         if recorded != identity:

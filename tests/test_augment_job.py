@@ -133,6 +133,26 @@ def test_restart_with_other_parameters_is_refused(assets, tmp_path):
         run_shard(cfg)
 
 
+def test_a_file_or_folder_the_job_did_not_write_is_refused_untouched(assets, tmp_path):
+    inp = write_sst(tmp_path / "train.tsv", SST_ROWS)
+    out = tmp_path / "aug.tsv"
+    out.write_text("my own file\n")
+    with pytest.raises(ConfigError, match=r"augment.output: .*aug.tsv exists and was not written by this"):
+        run_shard(config(assets, inp, out))
+    assert out.read_text() == "my own file\n" and not (tmp_path / "aug.tsv.parts").exists()
+    parts = tmp_path / "mine"
+    parts.mkdir()
+    (parts / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match=r"augment.job.parts_dir: .*mine is not empty"):
+        run_shard(config(assets, inp, tmp_path / "aug2.tsv", job={"parts_dir": str(parts)}))
+    assert [p.name for p in parts.iterdir()] == ["notes.txt"] and not (tmp_path / "aug2.tsv").exists()
+    # the job's own output, from a finished run, is rewritten by a rerun of the same job
+    run_shard(config(assets, inp, tmp_path / "aug3.tsv"))
+    first = (tmp_path / "aug3.tsv").read_bytes()
+    run_shard(config(assets, inp, tmp_path / "aug3.tsv"))
+    assert (tmp_path / "aug3.tsv").read_bytes() == first
+
+
 def test_bad_rows(assets, tmp_path):
     inp = write_sst(tmp_path / "train.tsv", SST_ROWS[:3], ["only one column", "a good film\t7"])
     with pytest.raises(DataError, match=r"train.tsv:5: expected 2 tab-separated columns"):
