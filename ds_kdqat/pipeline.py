@@ -358,13 +358,13 @@ def cached_teacher_problem(teacher_dir: str) -> Optional[str]:
 def _best_was_lost(ckpt_dir: str, best_dir: str) -> bool:
     """True when the stage's latest checkpoint says a best model was saved but its folder is gone (deleted
     by hand): resuming could not bring it back, so the stage has to start again."""
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        return False
     try:
-        with open(os.path.join(ckpt_dir, checkpoint.LATEST), encoding="utf-8") as handle:
-            tag = handle.read().strip()
-        with open(os.path.join(ckpt_dir, tag, "kdqat_state.json"), encoding="utf-8") as handle:
-            best = json.load(handle).get("best")
-    except (OSError, ValueError, AttributeError):
-        return False  # no checkpoint, or a damaged one: checkpoint.load reports and falls back
+        best = checkpoint.read_state(os.path.join(ckpt_dir, tag, checkpoint.STATE)).get("best")
+    except (OSError, ValueError):
+        return False  # a damaged checkpoint: checkpoint.load reports it and falls back
     return best is not None and not os.path.isdir(saved_dir(best_dir))
 
 

@@ -8,7 +8,7 @@ from transformers import (
     ElectraConfig, ElectraForSequenceClassification, RobertaConfig, RobertaForSequenceClassification,
 )
 
-from ds_kdqat.models.adapters import ADAPTERS, adapter_for
+from ds_kdqat.models.families import FAMILIES, adapter_for
 from ds_kdqat.models.taps import TAP_NAMES, forward_with_taps
 
 SMALL = dict(vocab_size=50, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -117,7 +117,7 @@ def test_bad_requests():
     model.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="no encoder adapter for model_type 'gpt2'"):
         forward_with_taps(model, batch(), set())
-    assert {"bert", "roberta", "electra", "distilbert"} <= set(ADAPTERS)
+    assert {"bert", "roberta", "electra", "distilbert"} <= set(FAMILIES)
 
 
 def test_model_loaded_with_kdqat_attention_gets_its_layers_numbered():

@@ -1,8 +1,7 @@
 """Model families (one adapter each), the shared attention hook point, taps and intervention points."""
 
 from .families import FAMILIES, FamilyAdapter, adapter_for, adapter_for_config, check_model_type, register_family
-from .adapters import ADAPTERS, EncoderAdapter
 from .taps import TAP_NAMES, EncoderTaps, Interventions, forward_with_taps
 
-__all__ = ["ADAPTERS", "EncoderAdapter", "FAMILIES", "FamilyAdapter", "adapter_for", "adapter_for_config",
+__all__ = ["FAMILIES", "FamilyAdapter", "adapter_for", "adapter_for_config",
            "check_model_type", "register_family", "TAP_NAMES", "EncoderTaps", "Interventions", "forward_with_taps"]

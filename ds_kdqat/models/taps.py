@@ -239,11 +239,6 @@ def _install_hooks(recorder: _Recorder, adapter: FamilyAdapter, layers: list[nn.
     return handles
 
 
-def _final_norm(adapter: FamilyAdapter, model: nn.Module) -> Optional[nn.Module]:
-    """The module whose output is the last layer output ``X_L`` (a pre-LN family's final norm), or None."""
-    return adapter.final_norm_module(model)
-
-
 def _ensure_kdqat_attention(model: nn.Module, num_layers: int) -> None:
     """Route through the kdqat attention and number the layers unless that is already done."""
     routed = getattr(model.config, "_attn_implementation", None) == KDQAT_ATTENTION
@@ -322,7 +317,7 @@ def forward_with_taps(
 
     recorder = _Recorder(record, layer_set, num_layers, interventions)
     sequence = [] if attention_mask is None else None  # no padding: the mask is all True over layer 0's input
-    handles = _install_hooks(recorder, adapter, layer_modules, sequence, _final_norm(adapter, inner))
+    handles = _install_hooks(recorder, adapter, layer_modules, sequence, adapter.final_norm_module(inner))
     try:
         with active_session(recorder):
             output = model(**inputs)

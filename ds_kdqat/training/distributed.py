@@ -31,7 +31,8 @@ def choose_accelerator() -> str:
     return os.environ["DS_ACCELERATOR"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nobody listens on now on 127.0.0.1 (the kernel's choice)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -49,7 +50,7 @@ def fill_single_rank_env() -> None:
         return
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from typing import Optional
 
 import psutil
 
+from .distributed import free_port
 from .watchdog import is_gone, is_launcher
 
 DEFAULT_PORT = 29500
@@ -118,13 +119,6 @@ def port_in_use(port: int) -> bool:
                 if error.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
                     return True
     return False
-
-
-def free_port() -> int:
-    """A port nobody listens on now (the kernel's choice)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def choose_master_port(args: LaunchArgs, default: int = DEFAULT_PORT) -> Optional[int]:
