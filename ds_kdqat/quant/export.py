@@ -7,7 +7,8 @@ Layout of an export directory::
                           "<module>.weight.offset" float32, min-max only: the minimum
                           every other state-dict entry under its own name, as it is (dtype kept)
     manifest.json         format/version, the QuantConfig, one entry per quantized weight (kind, bits, shape,
-                          packing, number of codes), the W-E-A bits and the fp32 size
+                          packing, number of codes), the W-E-A bits, the fp32 size, and (version 2) ``files``:
+                          the size and SHA-256 of every other file of the folder, checked on load
 
 Codes are stored unsigned, as each weight's method encodes them (:mod:`ds_kdqat.quant.methods`): ternary
 ``b + 1`` ∈ {0, 1, 2} (2 bits, or base-3 5-per-byte), binary ``(b + 1)/2`` (1 bit), symmetric
@@ -28,13 +29,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Union
+from typing import Callable, Literal, Optional, Union
 
 import safetensors.torch
 import torch
 from torch import nn
 
-from ds_kdqat.fileio import atomic_write_text, atomic_write_via
+from ds_kdqat.errors import DataError
+from ds_kdqat.fileio import atomic_write_text, atomic_write_via, sha256_file
 from ds_kdqat.quant.config import quant_config_from_dict
 from ds_kdqat.quant.convert import model_quant_config, quantize_model
 from ds_kdqat.quant.functional import TERNARY_ENTROPY_BITS
@@ -43,7 +45,8 @@ from ds_kdqat.quant.modules import QUANT_MODULE_TYPES, ActQuantizer, QuantEmbedd
 from ds_kdqat.quant.packing import pack_base3, pack_bits, unpack_base3, unpack_bits
 
 FORMAT = "ds-kdqat-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no "files" checksums
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 TernaryPacking = Literal["2bit", "base3"]
@@ -130,8 +133,11 @@ def _state_keys_of(model: nn.Module, quantizers: dict[str, ActQuantizer]) -> set
 
 @torch.no_grad()
 def export_packed(model: nn.Module, out_dir: Union[str, os.PathLike], *,
-                  ternary_packing: TernaryPacking = "2bit") -> SizeReport:
+                  ternary_packing: TernaryPacking = "2bit", extra: Optional[dict] = None) -> SizeReport:
     """Write ``model`` (converted by :func:`quantize_model`) to ``out_dir`` in packed form; return its sizes.
+
+    ``extra``: more manifest keys (the self-contained export's ``task`` and ``model``,
+    :mod:`ds_kdqat.deploy.artifact`). The manifest lists every file already in ``out_dir`` with its checksum.
 
     Under ZeRO-3, gather the parameters first (``deepspeed.zero.GatheredParameters``) or export from the
     engine's consolidated state. A non-quantized state-dict entry that shares storage with a quantized weight
@@ -198,10 +204,38 @@ def export_packed(model: nn.Module, out_dir: Union[str, os.PathLike], *,
     }
     if activations:
         manifest["activations"] = activations
+    for key, value in (extra or {}).items():
+        if key in manifest:
+            raise ValueError(f"extra manifest key {key!r} is one export_packed writes itself")
+        manifest[key] = value
     atomic_write_via(out / WEIGHTS_FILE,
                      lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": FORMAT}))
+    manifest["files"] = file_checksums(out)
     atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
     return size_report(out)
+
+
+def file_checksums(folder: Union[str, os.PathLike]) -> dict[str, dict]:
+    """``relative path`` → ``{"bytes", "sha256"}`` of every file under ``folder`` but the manifest."""
+    root = Path(folder)
+    return {str(path.relative_to(root)): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE
+            and not path.name.startswith(".")}
+
+
+def verify_files(out_dir: Union[str, os.PathLike], manifest: dict) -> None:
+    """Check every file the manifest lists: present, of its size, of its SHA-256. Raises
+    :class:`~ds_kdqat.errors.DataError` naming the first file that is not (a version-1 export lists none)."""
+    out = Path(out_dir)
+    for name, entry in manifest.get("files", {}).items():
+        path = out / name
+        if not path.is_file():
+            raise DataError(str(path), "missing; the export's manifest lists it")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise DataError(str(path), f"{size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+        if sha256_file(path) != entry["sha256"]:
+            raise DataError(str(path), "checksum mismatch (the file changed after export: damaged or edited)")
 
 
 def read_manifest(out_dir: Union[str, os.PathLike]) -> dict:
@@ -211,11 +245,46 @@ def read_manifest(out_dir: Union[str, os.PathLike]) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no packed export here (missing {MANIFEST_FILE})") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, got "
-                         f"{manifest.get('format')!r} version {manifest.get('version')!r}")
+        raise DataError(f"{path}:{err.lineno}", f"invalid JSON: {err.msg}") from None
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or manifest.get("version") not in READABLE_VERSIONS):
+        got = manifest if not isinstance(manifest, dict) else manifest.get("format"), \
+            None if not isinstance(manifest, dict) else manifest.get("version")
+        raise DataError(str(path), f"expected format {FORMAT!r} version {'/'.join(map(str, READABLE_VERSIONS))}, "
+                        f"got {got[0]!r} version {got[1]!r}")
+    for key in ("weights_file", "quant_config", "quantized", "bits", "fp32_bytes", "ternary_weights"):
+        if key not in manifest:
+            raise DataError(str(path), f"no {key!r} entry")
     return manifest
+
+
+def unpacked_weight(out_dir: Union[str, os.PathLike], key: str, entry: dict,
+                    tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Pop quantized weight ``key``'s pieces from ``tensors``: ``(codes, scale, offset)`` with ``codes``
+    unsigned (uint8) in the weight's shape. Raises :class:`~ds_kdqat.errors.DataError` when a piece is missing
+    or of the wrong size."""
+    source = str(Path(out_dir) / WEIGHTS_FILE)
+    for suffix in ("codes", "scale") + (("offset",) if entry.get("kind") == "minmax" else ()):
+        if f"{key}.{suffix}" not in tensors:
+            raise DataError(source, f"no tensor {key}.{suffix!r} (the manifest lists {key!r})")
+    packed = tensors.pop(f"{key}.codes")
+    count, shape = entry["count"], entry["shape"]
+    if math.prod(shape) != count:
+        raise DataError(str(Path(out_dir) / MANIFEST_FILE), f"{key!r}: shape {shape} has {math.prod(shape)} "
+                        f"elements, count says {count}")
+    need = math.ceil(count / 5) if entry["packing"] == "base3" else math.ceil(count * entry["bits"] / 8)
+    if packed.dtype != torch.uint8 or packed.numel() != need:
+        raise DataError(source, f"{key}.codes: {packed.numel()} {str(packed.dtype).removeprefix('torch.')} "
+                        f"values, {need} uint8 bytes expected for {count} {entry['bits']}-bit codes")
+    codes = unpack_base3(packed, count) if entry["packing"] == "base3" else unpack_bits(packed, entry["bits"], count)
+    scale = tensors.pop(f"{key}.scale")
+    offset = tensors.pop(f"{key}.offset", None)
+    rows = shape[0] if entry.get("granularity") == "row" else 1
+    for name, value in (("scale", scale), ("offset", offset)):
+        if value is not None and value.numel() != rows:
+            raise DataError(source, f"{key}.{name}: {value.numel()} values, expected {rows} "
+                            f"({entry.get('granularity', 'layer')}-wise)")
+    return codes.reshape(shape), scale, offset
 
 
 def size_report(out_dir: Union[str, os.PathLike]) -> SizeReport:
@@ -231,9 +300,21 @@ def size_report(out_dir: Union[str, os.PathLike]) -> SizeReport:
                       floor, manifest["ternary_weights"])
 
 
+def read_tensors(out_dir: Union[str, os.PathLike], manifest: dict) -> dict[str, torch.Tensor]:
+    """The tensors of an export's weights file (a damaged file raises :class:`~ds_kdqat.errors.DataError`)."""
+    path = Path(out_dir) / manifest["weights_file"]
+    try:
+        return safetensors.torch.load_file(str(path))
+    except FileNotFoundError:
+        raise DataError(str(path), "missing; the export's manifest names it") from None
+    except Exception as err:  # safetensors raises its own error types for a bad header or truncated data
+        raise DataError(str(path), f"not a readable safetensors file: {err}") from None
+
+
 @torch.no_grad()
 def load_packed(out_dir: Union[str, os.PathLike],
-                model_or_factory: Union[nn.Module, Callable[[], nn.Module]], *, frozen: bool = True) -> nn.Module:
+                model_or_factory: Union[nn.Module, Callable[[], nn.Module]], *, frozen: bool = True,
+                integer: bool = False, verify: bool = True) -> nn.Module:
     """Rebuild the quantized model of an export.
 
     ``model_or_factory``: a full-precision model of the same architecture (or a callable returning one); it is
@@ -241,10 +322,18 @@ def load_packed(out_dir: Union[str, os.PathLike],
     every weight is set from the file: quantized weights to their decoded values, the rest as stored.
     ``frozen`` (default): the weight quantizers use the decoded weights as they are, so the logits equal the
     exported student's bit for bit; ``frozen=False`` re-quantizes them each forward (for further training),
-    which reproduces them only up to rounding.
+    which reproduces them only up to rounding. ``integer``: put integer-kernel modules
+    (:mod:`ds_kdqat.deploy.int_modules`) in place of the quantized linears and embeddings that have an int8
+    form, built from the codes without decoding them (the others are loaded frozen as usual).
+
+    The files the manifest lists are checked first (size, SHA-256; ``verify=False`` for a caller that just
+    did); a missing, truncated or foreign tensor
+    raises :class:`~ds_kdqat.errors.DataError` naming the file and the tensor.
     """
     out = Path(out_dir)
     manifest = read_manifest(out)
+    if verify:
+        verify_files(out, manifest)
     config = quant_config_from_dict(manifest["quant_config"])
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     current = model_quant_config(model)
@@ -252,7 +341,7 @@ def load_packed(out_dir: Union[str, os.PathLike],
         quantize_model(model, config)
     elif current.to_dict() != config.to_dict():
         raise ValueError(f"the model is already quantized with a different config than {out / MANIFEST_FILE}")
-    tensors = safetensors.torch.load_file(str(out / manifest["weights_file"]))
+    tensors = read_tensors(out, manifest)
 
     for key, entry in manifest["quantized"].items():
         module_name = key.removesuffix(".weight")
@@ -263,15 +352,15 @@ def load_packed(out_dir: Union[str, os.PathLike],
         if not isinstance(module, QUANT_MODULE_TYPES) or list(module.weight.shape) != entry["shape"]:
             raise ValueError(f"{out / MANIFEST_FILE}: {key!r} is {entry['kind']} {entry['shape']}; the model's "
                              f"{module_name!r} is {type(module).__name__} {list(module.weight.shape)}")
-        packed = tensors.pop(f"{key}.codes")
-        if entry["packing"] == "base3":
-            codes = unpack_base3(packed, entry["count"])
-        else:
-            codes = unpack_bits(packed, entry["bits"], entry["count"])
-        scale = tensors.pop(f"{key}.scale")
-        offset = tensors.pop(f"{key}.offset", None)
-        value = QUANT_METHODS[entry["method"]].decode(entry["kind"], entry["bits"], codes.reshape(entry["shape"]),
-                                                      scale, offset)
+        codes, scale, offset = unpacked_weight(out, key, entry, tensors)
+        if integer:
+            from ds_kdqat.deploy.int_modules import integer_module, replace_module
+
+            new, _ = integer_module(module, entry["method"], entry["kind"], entry["bits"], codes, scale, offset)
+            if new is not None:
+                replace_module(model, module_name, new)
+                continue
+        value = QUANT_METHODS[entry["method"]].decode(entry["kind"], entry["bits"], codes, scale, offset)
         module.weight.copy_(value.to(module.weight.device, module.weight.dtype))
         module.weight_quant.frozen = frozen
 
@@ -281,13 +370,20 @@ def load_packed(out_dir: Union[str, os.PathLike],
         if quantizer is None or quantizer.method != entry["method"]:
             raise ValueError(f"{out / MANIFEST_FILE}: {name!r} is a learned {entry['method']} activation quantizer; "
                              f"the model has none there")
+        absent = [f"{name}.{suffix}" for suffix in entry["tensors"] if f"{name}.{suffix}" not in tensors]
+        if absent:
+            raise DataError(str(out / manifest["weights_file"]), f"no tensor {absent[0]!r} (the manifest lists it)")
         stored = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in entry["tensors"]}
         quantizer.quantizer.import_state(quantizer, stored)
     learned_keys = _state_keys_of(model, learned)
 
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        raise DataError(str(out / manifest["weights_file"]), f"does not fit {type(model).__name__}: "
+                        + " ".join(str(err).split("\n")[1:3]).strip()) from None
     missing = [k for k in missing if k not in manifest["quantized"] and k not in learned_keys]
     if missing or unexpected:
-        raise ValueError(f"{out / manifest['weights_file']}: does not fit {type(model).__name__}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise DataError(str(out / manifest["weights_file"]), f"does not fit {type(model).__name__}: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model

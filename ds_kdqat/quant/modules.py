@@ -157,6 +157,7 @@ class ActQuantizer(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_memo", None)  # holds a weakref (not picklable) and a stale activation
+        state.pop("_kdqat_int_memo", None)  # the same, for the integer backend (ds_kdqat.deploy.int_modules)
         return state
 
     def describe(self) -> str:

@@ -1,0 +1,127 @@
+"""The self-contained exported student: one folder that :func:`ds_kdqat.load_student` turns into a ready model.
+
+Layout (a packed export, :mod:`ds_kdqat.quant.export`, plus what rebuilds the model without training files)::
+
+    config.json            the HF model config (architecture, sizes, id2label)
+    tokenizer files        tokenizer.json, vocab.txt, … (text models) or preprocessor_config.json (image models)
+    weights.safetensors    packed codes + scales of the quantized weights, the other tensors as they are
+    manifest.json          format/version, quant config, one entry per quantized weight, and:
+                           "task":  name, kind, labels, text_fields, max_seq_length, primary_metric, input_kind,
+                                    token_type_ids
+                           "model": family, architecture (the class to build), num_parameters
+                           "files": size and SHA-256 of every file above, checked on load
+
+The folder is written to a hidden sibling and moved into place (:func:`ds_kdqat.fileio.replace_dir`), so a
+reader sees the old export or the whole new one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from ds_kdqat.errors import DataError
+from ds_kdqat.fileio import replace_dir, temp_dir
+from ds_kdqat.quant.export import SizeReport, TernaryPacking, export_packed, read_manifest
+
+TASK_KINDS = ("classification", "regression", "qa", "image_classification")
+
+# What a saved student folder may hold besides its weights that the exported model needs to read its input.
+PREPROCESSING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+    "preprocessor_config.json", "chat_template.jinja",
+)
+
+
+def task_description(spec: Any, max_seq_length: Optional[int], input_kind: str = "tokens",
+                     token_type_ids: bool = True) -> dict:
+    """The manifest's ``task`` entry from a :class:`~ds_kdqat.data.tasks.TaskSpec`."""
+    if spec.kind == "qa":
+        kind = "qa"
+    elif spec.kind == "image_classification":
+        kind = "image_classification"
+    else:
+        kind = "regression" if spec.is_regression else "classification"
+    return {"name": spec.name, "kind": kind, "labels": list(spec.labels), "text_fields": list(spec.text_fields),
+            "max_seq_length": max_seq_length, "primary_metric": spec.primary_metric, "input_kind": input_kind,
+            "token_type_ids": bool(token_type_ids)}
+
+
+def check_task(task: Any, source: str) -> dict:
+    """Validate a manifest's ``task`` entry (a :class:`~ds_kdqat.errors.DataError` names what is wrong)."""
+    if not isinstance(task, dict):
+        raise DataError(source, "no 'task' entry: this export predates self-contained exports; export the "
+                        "student folder again with `ds-kdqat export`")
+    for key in ("name", "kind", "labels", "text_fields", "input_kind"):
+        if key not in task:
+            raise DataError(source, f"task: no {key!r} entry")
+    if task["kind"] not in TASK_KINDS:
+        raise DataError(source, f"task.kind: got {task['kind']!r}, expected one of {list(TASK_KINDS)}")
+    if task["kind"] in ("classification", "image_classification") and not task["labels"]:
+        raise DataError(source, "task.labels: a classifier export needs its label names")
+    return task
+
+
+def export_student(model: nn.Module, out_dir: Union[str, os.PathLike], *, task: dict,
+                   preprocessing: Optional[Any] = None, source_folder: Optional[Union[str, os.PathLike]] = None,
+                   ternary_packing: TernaryPacking = "2bit") -> SizeReport:
+    """Write the self-contained export of quantized ``model`` (see the module docstring) to ``out_dir``.
+
+    ``task``: :func:`task_description`. The tokenizer (or image processor) comes from ``preprocessing`` (an
+    object with ``save_pretrained``) or is copied from ``source_folder`` (a saved student or teacher folder).
+    A model partitioned by ZeRO-3 is gathered first.
+    """
+    from ds_kdqat.models.families import adapter_for
+    from ds_kdqat.training.zero import gathered
+
+    check_task(task, "task")
+    out = os.fspath(out_dir)
+    tmp = temp_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        module = getattr(model, "module", model)
+        config = module.config
+        config.architectures = [type(module).__name__]
+        if task["labels"]:
+            config.id2label = dict(enumerate(task["labels"]))
+            config.label2id = {label: i for i, label in enumerate(task["labels"])}
+        config.save_pretrained(tmp)
+        if preprocessing is not None:
+            preprocessing.save_pretrained(tmp)
+        elif source_folder is not None:
+            for name in PREPROCESSING_FILES:
+                if os.path.isfile(os.path.join(source_folder, name)):
+                    shutil.copy2(os.path.join(source_folder, name), os.path.join(tmp, name))
+        described = {"family": adapter_for(module).family, "architecture": type(module).__name__,
+                     "num_parameters": sum(p.numel() for p in module.parameters())}
+        with gathered(module):
+            report = export_packed(module, tmp, ternary_packing=ternary_packing,
+                                   extra={"task": task, "model": described})
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def read_export(folder: Union[str, os.PathLike]) -> dict:
+    """The manifest of a self-contained export, its ``task`` and ``model`` entries checked."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(str(path), "no such folder (expected an exported student: manifest.json, config.json, "
+                        "weights.safetensors)")
+    manifest = read_manifest(path)
+    source = str(path / "manifest.json")
+    check_task(manifest.get("task"), source)
+    model = manifest.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("architecture"), str):
+        raise DataError(source, "model: no 'architecture' entry")
+    if not (path / "config.json").is_file():
+        raise DataError(str(path / "config.json"), "missing; a self-contained export holds the model config")
+    return manifest
