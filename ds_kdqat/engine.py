@@ -126,18 +126,33 @@ class TeacherStudentEngine:
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, dataset: Sequence[dict], model: Optional[nn.Module] = None) -> dict[str, float]:
+    def evaluate(self, dataset: Sequence[dict], model: Optional[nn.Module] = None, *,
+                 local: bool = False) -> dict[str, float]:
         """Task metrics of ``model`` (default: the student) on ``dataset`` (encoded examples).
 
         Batches are dealt round-robin to ranks (every rank runs the same number of forwards, as ZeRO-3
-        needs) and the predictions gathered, so the result is the same on every rank.
+        needs) and the predictions gathered, so the result is the same on every rank. ``local``: this rank
+        alone runs every batch (no collective; for a model only one rank holds, such as the exported student).
         """
+        return self.score(dataset, self.predict(dataset, model, local=local))
+
+    def score(self, dataset: Sequence[dict], predictions: list) -> dict[str, float]:
+        """Task metrics of :meth:`predict`'s ``predictions`` of ``dataset``."""
+        if self.spec.is_qa:
+            return dataset.score(predictions)  # SQuAD EM/F1 (ds_kdqat.data.qa_post, qa_metrics)
+        labels = [dataset[i]["labels"].item() for i in range(len(dataset))]
+        return compute_metrics(self.spec, predictions, labels)
+
+    @torch.no_grad()
+    def predict(self, dataset: Sequence[dict], model: Optional[nn.Module] = None, *, local: bool = False) -> list:
+        """``model``'s prediction of every example of ``dataset``, in order: the class index, the regression
+        score, or (QA) each feature's (len_i, 2) start/end logits. Collective unless ``local``."""
         model = model if model is not None else self.engine
         was_training = model.training
         model.eval()
         size = self.run.micro_batch_size
         batches = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
-        world, rank = self.dist.world_size, self.dist.rank
+        world, rank = (1, 0) if local else (self.dist.world_size, self.dist.rank)
         rounds = math.ceil(len(batches) / world)
         mine: list[tuple[int, Any]] = []
         for r in range(rounds):
@@ -146,7 +161,7 @@ class TeacherStudentEngine:
             chunk = batches[index] if real else batches[-1]
             batch = _to_device(dataset.collate_fn([dataset[i] for i in chunk]), self._device_of(model))
             output = model(**model_inputs(batch))
-            if self.spec.is_qa:  # per feature: its (len_i, 2) start/end logits, scored per question below
+            if self.spec.is_qa:  # per feature: its (len_i, 2) start/end logits, scored per question
                 preds = [row[:n].numpy() for row, n in zip(output_logits(output).float().cpu(),
                                                             batch["attention_mask"].sum(-1).tolist())]
             else:
@@ -159,18 +174,15 @@ class TeacherStudentEngine:
             dist.all_gather_object(gathered, mine)
             mine = [item for part in gathered for item in part]
         mine.sort(key=lambda item: item[0])
-        predictions = [p for _, p in mine]
-        if self.spec.is_qa:
-            if was_training:
-                model.train()
-            return dataset.score(predictions)  # SQuAD EM/F1 (ds_kdqat.data.qa_post, qa_metrics)
-        labels = [dataset[i]["labels"].item() for i, _ in mine]
         if was_training:
             model.train()
-        return compute_metrics(self.spec, predictions, labels)
+        return [p for _, p in mine]
 
     def _device_of(self, model: nn.Module):
-        return getattr(model, "device", None) or next(model.parameters()).device
+        device = getattr(model, "device", None)
+        if device is not None:
+            return device
+        return next(iter(model.parameters()), torch.empty(0)).device
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self, train_set: Sequence[dict], dev_set: Sequence[dict], phases: list[Phase], ckpt_dir: str,

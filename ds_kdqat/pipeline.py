@@ -6,7 +6,8 @@ Output folder (``kdqat.output_dir``)::
     log.csv                every stage's loss terms and dev metrics (see training.logger)
     teacher/               the fine-tuned full-precision teacher (HF format, with tokenizer); done.json
     student/               the best student's latent fp32 weights (HF format) + kdqat_quant.json
-    student_packed/        the best student packed (2-bit ternary codes + scales; quant.export_packed)
+    student_packed/        the best student, exported: packed 2-bit codes + scales, config, tokenizer, task and
+                           checksums (ds_kdqat.deploy.artifact); ds_kdqat.load_student(path) loads it
     checkpoints/{finetune,kdqat}/   resumable DeepSpeed checkpoints
     results.json           teacher and student metrics, size, wall time (written last, atomically)
 
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 from .config import EMBEDDED_MODEL, KdqatConfig, RunConfig
 from .configtools import to_dict
-from .models.families import adapter_for_config, check_model_type
+from .models.families import adapter_for, adapter_for_config, check_model_type
 from .models.paths import check_model_path
 from .models.scratch import build_scratch_model, is_scratch, name_classes, scratch_config
 from .data.balance import describe_counts, label_counts
@@ -49,7 +50,9 @@ from .data.qa_config import load_qa_split
 from .data.tasks import TaskSpec
 from .distill.phases import kd_phases, supervised_phases
 from .engine import StopTraining, TeacherStudentEngine, total_steps
-from .quant import QuantConfig, export_packed, quantize_model
+from .deploy.artifact import export_student, task_description
+from .deploy.load import load_student as load_exported
+from .quant import QuantConfig, quantize_model
 from .quant.student_files import quantize_saved_student, write_student_files
 from .errors import ConfigError
 from .fileio import aside_path, atomic_write_json, replace_dir, saved_dir, temp_dir
@@ -500,14 +503,35 @@ def _train_evaluate_export(ctx: JobContext, started: float) -> dict:
         "label_counts": split_label_counts(ctx.data, ctx.spec),
     }
     if info.is_main:
-        size = export_packed(best_student.cpu(), os.path.join(ctx.out, "student_packed"))
+        packed = os.path.join(ctx.out, "student_packed")
+        size = export_student(best_student.cpu(), packed, task=_task_description(ctx, best_student), preprocessing=ctx.tokenizer)
         results["size"] = {"wea": size.wea, "packed_mb": size.packed_bytes / 2**20,
                            "fp32_mb": size.fp32_bytes / 2**20, "ratio": size.ratio,
                            "floor_ratio": size.floor_ratio}
+        results["student_int8"] = _evaluate_integer_backend(engine, ctx, packed, best_student)
         atomic_write_json(os.path.join(ctx.out, "results.json"), results)
         print(format_results(results))
     _barrier()
     return results
+
+
+def _task_description(ctx: JobContext, model) -> dict:
+    adapter = adapter_for(model)
+    return task_description(ctx.spec, None if adapter.input_kind == "pixels" else ctx.run.kdqat.data.max_seq_length,
+                            adapter.input_kind, adapter.token_type_ids)
+
+
+def _evaluate_integer_backend(engine: TeacherStudentEngine, ctx: JobContext, packed: str, student) -> dict:
+    """The exported student run by the int8 backend (:mod:`ds_kdqat.deploy`) on the dev split (rank 0 only):
+    its metrics and, for classifiers, how often its class agrees with the fake-quant student's."""
+    model = load_exported(packed, "int8")
+    split = ctx.data.dev[ctx.dev_name]
+    ours = engine.predict(split, model, local=True)
+    metrics = engine.score(split, ours)
+    if not (ctx.spec.is_qa or ctx.spec.is_regression):
+        fake = engine.predict(split, student, local=True)
+        metrics["agreement_with_fakequant"] = sum(a == b for a, b in zip(ours, fake)) / max(len(ours), 1)
+    return metrics
 
 
 def format_results(results: dict) -> str:
@@ -519,6 +543,13 @@ def format_results(results: dict) -> str:
         (f"student {metric} ({results['dev_split']})", f"{results['student'][metric]:.4f}"),
         ("student / teacher", f"{results['student'][metric] / max(results['teacher'][metric], 1e-12):.3f}"),
         ("packed student", f"{size.get('packed_mb', float('nan')):.2f} MiB (W-E-A {size.get('wea', '?')})"),
+    ]
+    if "student_int8" in results:
+        int8 = results["student_int8"]
+        agreement = int8.get("agreement_with_fakequant")
+        rows.append((f"student int8 backend {metric}", f"{int8[metric]:.4f}" + (
+            f" (same class as fake-quant on {agreement:.2%})" if agreement is not None else "")))
+    rows += [
         ("fp32 checkpoint", f"{size.get('fp32_mb', float('nan')):.2f} MiB"),
         ("compression", f"{size.get('ratio', float('nan')):.1f}×"),
         ("wall time", f"{results['wall_time_s'] / 60:.1f} min"),

@@ -67,6 +67,11 @@ def test_outputs_of_a_complete_run(reference_run):
                  "student_packed", "config.json"):
         assert (out / name).exists(), name
     assert "compression" in result.stdout and "student accuracy" in result.stdout
+    # the exported student runs on the int8 backend: same classes as the fake-quant student, same accuracy
+    int8 = results["student_int8"]
+    assert int8["agreement_with_fakequant"] >= 0.995
+    assert abs(int8["accuracy"] - results["student"]["accuracy"]) <= 0.005
+    assert "student int8 backend accuracy" in result.stdout
     # DeepSpeed's monitor got every term too (csv_monitor here; tensorboard takes the same events)
     monitor_files = {p.name for p in (out / "monitor").rglob("*.csv")}
     assert {"kdqat_kd_train_total.csv", "kdqat_kd_dev_accuracy.csv"} <= monitor_files, monitor_files

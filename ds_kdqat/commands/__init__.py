@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-mlm-head": ("fit_mlm_head", "fit a masked-LM head on a frozen encoder that has none"),
     "analyze": ("analyze", "compare teacher, quantized and student on a data split; plot training curves"),
     "sweep": ("sweep", "run a grid of trainings and tabulate mean ± std per task"),
+    "export": ("export", "write the self-contained export of a trained student (optionally ONNX too)"),
+    "predict": ("predict", "predict with an exported student: a task file or lines in, labels out"),
     "launch": ("launch", "run DeepSpeed's launcher so that SIGTERM/Ctrl-C checkpoint and exit 143"),
 }
 

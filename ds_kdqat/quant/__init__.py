@@ -21,7 +21,15 @@ from ds_kdqat.quant.config import (
     quant_config_from_dict,
 )
 from ds_kdqat.quant.convert import QuantEntry, QuantReport, model_quant_config, quantize_model, quantized_weights
-from ds_kdqat.quant.export import SizeReport, export_packed, load_packed, read_manifest, size_report
+from ds_kdqat.quant.export import (
+    SizeReport,
+    export_packed,
+    file_checksums,
+    load_packed,
+    read_manifest,
+    size_report,
+    verify_files,
+)
 from ds_kdqat.quant.functional import (
     QuantParts,
     binarize,
@@ -49,6 +57,6 @@ __all__ = [
     "WeightQuantizer", "after_optimizer_step", "binarize", "binary_parts", "dequantize_parts", "export_packed",
     "lat_parts", "lat_state", "lat_ternarize", "load_lat_state", "load_packed", "lsq_initial_step", "lsq_parts",
     "lsq_quantize", "model_quant_config", "quant_config_from_dict", "quantize_model", "quantized_weights",
-    "read_manifest", "register_method", "size_report", "straight_through", "twn_parts", "twn_ternarize",
+    "read_manifest", "register_method", "size_report", "verify_files", "file_checksums", "straight_through", "twn_parts", "twn_ternarize",
     "uniform_parts", "uniform_quantize",
 ]

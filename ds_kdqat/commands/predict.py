@@ -1,0 +1,392 @@
+"""Predict with an exported student: one record per input example, in input order.
+
+    ds-kdqat predict OUT/student_packed --input dev.tsv --output predictions.jsonl
+    echo "a great , moving film" | ds-kdqat predict OUT/student_packed
+    ds-kdqat predict EXPORT --input pairs.txt --format lines          # text_a<TAB>text_b per line
+    ds-kdqat predict EXPORT --input dev.csv --eval [--output p.tsv --output_format tsv]
+
+Input (--input FILE, or - for stdin, the default), by --format:
+
+* tsv / csv / jsonl / parquet (auto: by the file's extension): a table as the task readers read it
+  (ds_kdqat/data/files.py: a header line for TSV/CSV, one object per line for JSON Lines). The texts are read
+  from the export's task text fields (e.g. "sentence", or "sentence1" and "sentence2") or from --text_columns;
+  image tasks read an image path per row (relative paths: from the input file's folder). A header-less TSV of a
+  registered task whose files have no header (CoLA) is read with that task's columns.
+* lines (auto: stdin, or a file of another extension): one example per line; a TAB separates the two texts
+  of a pair task. Blank lines are errors, except at the end of the input.
+
+Output (--output FILE, default stdout), one record per input example, in input order:
+
+* jsonl: {"label": "1", "probabilities": {"0": 0.08, "1": 0.92}}, regression {"score": 3.1};
+* tsv: a header line ("label", then "prob_<class>" per class; regression "score"), one row per example.
+
+An output file is written whole or not at all (a temporary file renamed into place at the end); an existing
+one is replaced only with --overwrite. --eval reads the gold label of each row too (the task's label column,
+or --label_column) and prints the task's metrics as one JSON object on stdout, the primary metric first;
+predictions are then written only when --output names a file.
+
+Batches keep the input order and are padded to their longest example: the 8-bit activation quantizers use
+per-batch statistics, so predictions depend on --batch_size (see ds_kdqat/deploy/predict.py); --batch_size 1
+makes each prediction independent of its neighbours. Bad input is exit status 2 with file:line and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from ..errors import ConfigError, DataError
+
+DESCRIPTION = __doc__
+INPUT_FORMATS = ("auto", "tsv", "csv", "jsonl", "parquet", "lines")
+OUTPUT_FORMATS = ("jsonl", "tsv")
+BACKENDS = ("fakequant", "int8", "onnx")
+STDIN = "-"
+STDIN_NAME = "<stdin>"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("export_dir", metavar="EXPORT_DIR", help="an exported student (ds-kdqat export)")
+    parser.add_argument("--input", default=STDIN, metavar="FILE", help="the examples; - for stdin (default)")
+    parser.add_argument("--format", default="auto", choices=INPUT_FORMATS,
+                        help="input format (default auto: by extension; stdin and other extensions: lines)")
+    parser.add_argument("--text_columns", "--text_column", nargs="+", default=None, metavar="COLUMN",
+                        help="the text column(s) of a table input (default: the export's task text fields)")
+    parser.add_argument("--label_column", default=None,
+                        help="with --eval: the gold label column (default: the export's task label column)")
+    parser.add_argument("--output", default=None, metavar="FILE", help="where the predictions go (default stdout)")
+    parser.add_argument("--output_format", default="jsonl", choices=OUTPUT_FORMATS)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.add_argument("--backend", default="int8", choices=BACKENDS, help="how the export runs (default int8)")
+    parser.add_argument("--batch_size", type=int, default=32, help="examples per forward pass (default 32)")
+    parser.add_argument("--eval", action="store_true", help="the input is labelled: print the task's metrics")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+@dataclass
+class InputRow:
+    """One example read from the input: where (``file:line``), the example (a text, a pair of texts, an image
+    path) and, with --eval, its gold label (a class name, or the score's text)."""
+
+    where: str
+    example: Any
+    label: Optional[str] = None
+
+
+def input_format(path: str, explicit: str) -> str:
+    """The format of the input: ``explicit`` unless ``auto``; then by extension, ``lines`` for stdin or another
+    extension."""
+    from ..data.files import format_of
+
+    if explicit != "auto":
+        return explicit
+    return "lines" if path == STDIN else (format_of(path) or "lines")
+
+
+def read_input_bytes(path: str) -> tuple[str, bytes]:
+    """``(name for errors, bytes)`` of the input file or stdin."""
+    if path == STDIN:
+        if sys.stdin.isatty():
+            print("ds-kdqat predict: reading examples from stdin (end with Ctrl-D)", file=sys.stderr)
+        return STDIN_NAME, sys.stdin.buffer.read()
+    if not Path(path).is_file():
+        raise FileNotFoundError(2, "no such file (--input)", path)
+    return path, Path(path).read_bytes()
+
+
+def read_lines(name: str, data: bytes, pair: bool) -> list[InputRow]:
+    """``lines`` input: one example per line (``text_a<TAB>text_b`` for a pair task). A DataError names
+    ``name:line`` for a line that is not UTF-8, is blank before the end, or has the wrong number of texts."""
+    lines = data.split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise DataError(name, "no examples (expected one example per line)")
+    rows = []
+    for number, raw in enumerate(lines, start=1):
+        where = f"{name}:{number}"
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as error:
+            raise DataError(where, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
+        if number == 1:
+            line = line.lstrip("\ufeff")
+        rows.append(InputRow(where, _line_example(line, pair, where)))
+    return rows
+
+
+def _line_example(line: str, pair: bool, where: str) -> Any:
+    if not line.strip():
+        raise DataError(where, "blank line (every line is one example)")
+    texts = line.split("\t")
+    if pair:
+        if len(texts) != 2 or not all(text.strip() for text in texts):
+            raise DataError(where, f"expected two non-empty texts separated by one TAB (a pair task), found "
+                                   f"{len(texts)} field(s)")
+        return texts[0].strip(), texts[1].strip()
+    if len(texts) != 1:
+        raise DataError(where, "holds a TAB, but the task takes one text per example (a TAB separates the two "
+                               "texts of a pair task); use --format tsv/csv for a table")
+    return line.strip()
+
+
+def read_table_input(name: str, data: Optional[bytes], fmt: str, task: dict, explicit_columns: bool):
+    """The :class:`~ds_kdqat.data.files.Table` of a table input (a file, or stdin's bytes ``data``).
+
+    A TSV of a registered header-less task (CoLA) whose first line is not a header is read with the task's
+    columns (line numbers stay those of the file)."""
+    from ..data import files
+
+    if name == STDIN_NAME:
+        if fmt == "parquet":
+            raise ConfigError("--input", "Parquet is read from a file, not from stdin")
+        if not data.strip():
+            raise DataError(name, f"empty input (expected {fmt.upper()} rows)")
+        table = files._read_jsonl(name, data) if fmt == "jsonl" else files._read_delimited(name, data, fmt)
+        if not table.records:
+            raise DataError(name, "no rows after the header" if fmt in ("csv", "tsv") else "no rows")
+    else:
+        table = files.read_table(name, fmt)
+    columns = _headerless_columns(task, table, fmt, explicit_columns)
+    if columns is not None:
+        raw = data if data is not None else Path(name).read_bytes()
+        table = files._read_delimited(name, ("\t".join(columns) + "\n").encode() + raw, "tsv")
+        for record in table.records:
+            record.line -= 1
+    return table
+
+
+def _headerless_columns(task: dict, table, fmt: str, explicit_columns: bool) -> Optional[list[str]]:
+    """The registered task's columns when ``table`` is a header-less TSV of a task whose files have no header."""
+    from ..data.tasks import TASKS
+
+    spec = TASKS.get(task["name"])
+    if fmt != "tsv" or explicit_columns or spec is None or spec.has_header:
+        return None
+    if all(name in table.columns for name in spec.text_fields) or len(table.columns) != len(spec.columns):
+        return None
+    return list(spec.columns)
+
+
+def table_rows(table, text_columns: Sequence[str], label_column: Optional[str], task: dict,
+               base: Optional[Path]) -> list[InputRow]:
+    """The examples (and gold labels when ``label_column`` is given) of a table's records; image paths are
+    resolved against ``base`` (the input file's folder). A DataError names ``file:line`` for a bad row."""
+    from ..data.files import has_column
+
+    where = f"{table.path}:1" if table.format in ("csv", "tsv") else table.path
+    wanted = [*text_columns, *([label_column] if label_column else [])]
+    missing = [name for name in wanted if not has_column(table.columns, name)]
+    if missing:
+        kinds = ["label" if name == label_column else "text" for name in missing]
+        named = ", ".join(f"{kind} column {name!r}" for kind, name in zip(kinds, missing))
+        raise DataError(where, f"no {named}; the input has the columns {list(table.columns)} "
+                               "(name them with --text_columns / --label_column)")
+    image = task["kind"] == "image_classification"
+    rows = []
+    for record in table.records:
+        source = f"{table.path}:{record.line}"
+        if record.reason is not None:
+            raise DataError(source, record.reason)
+        texts = [_text(record.values, column, source) for column in text_columns]
+        example: Any = texts[0] if len(texts) == 1 else tuple(texts)
+        if image and base is not None and not os.path.isabs(example):
+            example = str(base / example)
+        label = _gold_label(record.values, label_column, task, source) if label_column else None
+        rows.append(InputRow(source, example, label))
+    return rows
+
+
+def _text(values: dict, column: str, source: str) -> str:
+    from ..data.files import lookup
+
+    found, value = lookup(values, column)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if found and value is not None and not isinstance(value, str):
+        raise DataError(source, f"column {column!r} holds {type(value).__name__}, not text")
+    if not (value or "").strip():
+        raise DataError(source, f"empty text in column {column!r}" if found else f"no value for column {column!r}")
+    return value.strip()
+
+
+def _gold_label(values: dict, column: str, task: dict, source: str) -> str:
+    """The gold label of a row as text: a class name of the export (classification) or a finite number."""
+    from ..data.custom import class_label_text
+    from ..data.files import lookup
+
+    found, value = lookup(values, column)
+    if not found or value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(source, f"no label in column {column!r} (--eval needs a labelled input)")
+    if task["kind"] == "regression":
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            score = math.nan
+        if isinstance(value, bool) or not math.isfinite(score):
+            raise DataError(source, f"label {value!r} in column {column!r} is not a finite number (regression task)")
+        return repr(score)
+    label = class_label_text(value)
+    if label not in task["labels"]:
+        raise DataError(source, f"label {label!r} in column {column!r} is not a class of the export "
+                                f"(classes: {list(task['labels'])})")
+    return label
+
+
+def read_inputs(args: argparse.Namespace, task: dict) -> list[InputRow]:
+    """Every example of ``--input`` (with its gold label under --eval), in input order."""
+    from ..deploy.predict import label_field
+
+    fmt = input_format(args.input, args.format)
+    pair = task["kind"] != "image_classification" and len(task["text_fields"]) == 2
+    if fmt == "lines":
+        if args.text_columns or args.label_column:
+            raise ConfigError("--text_columns/--label_column", "only for table input (tsv, csv, jsonl, parquet); "
+                                                               "lines input has no columns")
+        if args.eval:
+            raise ConfigError("--eval", "needs a labelled table (--format tsv, csv, jsonl or parquet), not lines")
+        return read_lines(*read_input_bytes(args.input), pair)
+    fields = ["image"] if task["kind"] == "image_classification" else list(task["text_fields"])
+    columns = list(args.text_columns or fields)
+    if len(columns) != len(fields):
+        raise ConfigError("--text_columns", f"the export's task takes {len(fields)} text(s) per example "
+                                            f"({', '.join(fields)}); got {len(columns)} column(s) {columns}")
+    if args.input == STDIN:
+        name, data = read_input_bytes(args.input)
+        base = Path.cwd()
+    else:
+        name, data, base = args.input, None, Path(args.input).resolve().parent
+    table = read_table_input(name, data, fmt, task, bool(args.text_columns))
+    label_column = (args.label_column or label_field(task)) if args.eval else None
+    return table_rows(table, columns, label_column, task, base)
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def output_header(fmt: str, task: dict) -> Optional[str]:
+    """The TSV header line (None for JSONL); a ConfigError when a class name cannot be a TSV column."""
+    if fmt != "tsv":
+        return None
+    if task["kind"] == "regression":
+        return "score\n"
+    bad = [name for name in task["labels"] if any(ch in name for ch in "\t\r\n")]
+    if bad:
+        raise ConfigError("--output_format", f"class name(s) {bad} hold a tab or line break; use jsonl")
+    return "\t".join(["label", *(f"prob_{name}" for name in task["labels"])]) + "\n"
+
+
+def output_line(prediction, fmt: str, labels: Sequence[str]) -> str:
+    """One output record: a JSON object line, or a TSV row in the header's column order."""
+    if fmt == "jsonl":
+        return json.dumps(prediction.record(), ensure_ascii=False) + "\n"
+    if prediction.score is not None:
+        return f"{prediction.score!r}\n"
+    return "\t".join([prediction.label, *(repr(prediction.probabilities[name]) for name in labels)]) + "\n"
+
+
+def output_text(predictions: Iterable[Any], fmt: str, task: dict) -> Iterator[str]:
+    """The output, piece by piece: the header (TSV), then one line per prediction."""
+    header = output_header(fmt, task)
+    if header is not None:
+        yield header
+    for prediction in predictions:
+        yield output_line(prediction, fmt, task["labels"])
+
+
+def write_output(pieces: Iterable[str], output: Optional[str]) -> None:
+    """Write ``pieces`` to stdout, or to file ``output`` atomically (whole or not at all)."""
+    if output is None or output == STDIN:
+        for piece in pieces:
+            sys.stdout.write(piece)
+        sys.stdout.flush()
+        return
+    from ..fileio import atomic_write_via
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            for piece in pieces:
+                handle.write(piece)
+
+    atomic_write_via(output, write)
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """ConfigErrors for arguments that cannot work, before anything is read."""
+    if args.batch_size < 1:
+        raise ConfigError("--batch_size", f"expected a positive integer, got {args.batch_size}")
+    if args.output not in (None, STDIN):
+        if os.path.isdir(args.output):
+            raise ConfigError("--output", f"{args.output} is a folder; name the predictions file")
+        if os.path.exists(args.output) and not args.overwrite:
+            raise ConfigError("--output", f"{args.output} exists; pass --overwrite to replace it")
+        if args.input != STDIN and os.path.exists(args.input) and os.path.exists(args.output) \
+                and os.path.samefile(args.input, args.output):
+            raise ConfigError("--output", "is the input file; write the predictions elsewhere")
+    elif args.eval and args.output == STDIN:
+        raise ConfigError("--output", "with --eval the metrics go to stdout; write the predictions to a file")
+
+
+def load_model(folder: str, backend: str):
+    """The exported student run by ``backend``; a missing optional dependency is a ConfigError saying what to
+    install."""
+    import ds_kdqat
+
+    try:
+        return ds_kdqat.load_student(folder, backend)
+    except ImportError as error:
+        raise ConfigError("--backend", f"the {backend} backend needs packages that are not installed ({error}): "
+                                       "pip install 'ds-kdqat[deploy]'") from None
+
+
+def progress(predictions: Iterable[Any], total: int, enabled: bool) -> Iterator[Any]:
+    """``predictions`` counted by a tqdm bar on stderr (when ``enabled`` and stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="ex", desc="predict", file=sys.stderr, disable=not enabled,
+              dynamic_ncols=True) as bar:
+        for prediction in predictions:
+            yield prediction
+            bar.update(1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..deploy.artifact import read_export
+    from ..deploy.predict import Predictor, task_metrics
+
+    check_arguments(args)
+    task = read_export(args.export_dir)["task"]
+    if task["kind"] not in ("classification", "regression", "image_classification"):
+        raise ConfigError("EXPORT_DIR", f"{args.export_dir} is a {task['kind']!r} model; predict supports "
+                                        "classification, regression and image classification exports")
+    rows = read_inputs(args, task)
+    predictor = Predictor(load_model(args.export_dir, args.backend))
+    predictions = predictor.predict((row.example for row in rows), args.batch_size)
+    predictions = progress(predictions, len(rows), not args.no_progress and sys.stderr.isatty())
+    if not args.eval:
+        write_output(output_text(predictions, args.output_format, task), args.output)
+        return 0
+    kept: list[Any] = []
+    predictions = (kept.append(p) or p for p in predictions)
+    if args.output not in (None, STDIN):
+        write_output(output_text(predictions, args.output_format, task), args.output)
+    else:
+        for _ in predictions:
+            pass
+    metrics = task_metrics(task, kept, [row.label if task["kind"] != "regression" else float(row.label)
+                                        for row in rows])
+    print(json.dumps({**metrics, "examples": len(rows), "task": task["name"]}))
+    return 0
