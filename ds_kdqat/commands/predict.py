@@ -147,39 +147,48 @@ def read_table_input(name: str, data: Optional[bytes], fmt: str, task: dict, exp
     columns (line numbers stay those of the file)."""
     from ..data import files
 
-    if name == STDIN_NAME:
-        if fmt == "parquet":
-            raise ConfigError("--input", "Parquet is read from a file, not from stdin")
-        if not data.strip():
-            raise DataError(name, f"empty input (expected {fmt.upper()} rows)")
-        table = files._read_jsonl(name, data) if fmt == "jsonl" else files._read_delimited(name, data, fmt)
-        if not table.records:
-            raise DataError(name, "no rows after the header" if fmt in ("csv", "tsv") else "no rows")
-    else:
-        table = files.read_table(name, fmt)
-    columns = _headerless_columns(task, table, fmt, explicit_columns)
+    if name == STDIN_NAME and fmt == "parquet":
+        raise ConfigError("--input", "Parquet is read from a file, not from stdin")
+    columns = None if explicit_columns or fmt != "tsv" else headerless_columns(task, name, data)
     if columns is not None:
         raw = data if data is not None else Path(name).read_bytes()
         table = files._read_delimited(name, ("\t".join(columns) + "\n").encode() + raw, "tsv")
         for record in table.records:
             record.line -= 1
+    elif name == STDIN_NAME:
+        if not data.strip():
+            raise DataError(name, f"empty input (expected {fmt.upper()} rows)")
+        table = files._read_jsonl(name, data) if fmt == "jsonl" else files._read_delimited(name, data, fmt)
+    else:
+        return files.read_table(name, fmt)
+    if not table.records:
+        raise DataError(name, "no rows after the header" if fmt in ("csv", "tsv") else "no rows")
     return table
 
 
-def _headerless_columns(task: dict, table, fmt: str, explicit_columns: bool) -> Optional[list[str]]:
-    """The registered task's columns when ``table`` is a header-less TSV of a task whose files have no header."""
+def headerless_columns(task: dict, name: str, data: Optional[bytes]) -> Optional[list[str]]:
+    """The registered task's columns when the TSV input is a file of a task whose files have no header (CoLA's
+    train/dev) and its first line is data, not a header (it lacks the text columns, has the task's width)."""
     from ..data.tasks import TASKS
 
     spec = TASKS.get(task["name"])
-    if fmt != "tsv" or explicit_columns or spec is None or spec.has_header:
+    if spec is None or spec.has_header:
         return None
-    if all(name in table.columns for name in spec.text_fields) or len(table.columns) != len(spec.columns):
+    if data is None:
+        if not Path(name).is_file():
+            return None
+        with open(name, "rb") as handle:
+            first = handle.readline()
+    else:
+        first = data.split(b"\n", 1)[0]
+    fields = first.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n").split("\t")
+    if any(field.strip() in spec.text_fields for field in fields) or len(fields) != len(spec.columns):
         return None
     return list(spec.columns)
 
 
 def table_rows(table, text_columns: Sequence[str], label_column: Optional[str], task: dict,
-               base: Optional[Path]) -> list[InputRow]:
+               base: Path) -> list[InputRow]:
     """The examples (and gold labels when ``label_column`` is given) of a table's records; image paths are
     resolved against ``base`` (the input file's folder). A DataError names ``file:line`` for a bad row."""
     from ..data.files import has_column
@@ -200,8 +209,8 @@ def table_rows(table, text_columns: Sequence[str], label_column: Optional[str], 
             raise DataError(source, record.reason)
         texts = [_text(record.values, column, source) for column in text_columns]
         example: Any = texts[0] if len(texts) == 1 else tuple(texts)
-        if image and base is not None and not os.path.isabs(example):
-            example = str(base / example)
+        if image:
+            example = str(base / example)  # an absolute path stays as it is
         label = _gold_label(record.values, label_column, task, source) if label_column else None
         rows.append(InputRow(source, example, label))
     return rows
@@ -255,20 +264,25 @@ def read_inputs(args: argparse.Namespace, task: dict) -> list[InputRow]:
                                                                "lines input has no columns")
         if args.eval:
             raise ConfigError("--eval", "needs a labelled table (--format tsv, csv, jsonl or parquet), not lines")
-        return read_lines(*read_input_bytes(args.input), pair)
+        rows = read_lines(*read_input_bytes(args.input), pair)
+        if task["kind"] == "image_classification":
+            for row in rows:
+                row.example = str(input_folder(args.input) / row.example)  # an absolute path stays as it is
+        return rows
     fields = ["image"] if task["kind"] == "image_classification" else list(task["text_fields"])
     columns = list(args.text_columns or fields)
     if len(columns) != len(fields):
         raise ConfigError("--text_columns", f"the export's task takes {len(fields)} text(s) per example "
                                             f"({', '.join(fields)}); got {len(columns)} column(s) {columns}")
-    if args.input == STDIN:
-        name, data = read_input_bytes(args.input)
-        base = Path.cwd()
-    else:
-        name, data, base = args.input, None, Path(args.input).resolve().parent
+    name, data = read_input_bytes(args.input) if args.input == STDIN else (args.input, None)
     table = read_table_input(name, data, fmt, task, bool(args.text_columns))
     label_column = (args.label_column or label_field(task)) if args.eval else None
-    return table_rows(table, columns, label_column, task, base)
+    return table_rows(table, columns, label_column, task, input_folder(args.input))
+
+
+def input_folder(path: str) -> Path:
+    """What relative image paths of the input are relative to: the input file's folder (stdin: the current one)."""
+    return Path.cwd() if path == STDIN else Path(path).resolve().parent
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -307,9 +321,13 @@ def output_text(predictions: Iterable[Any], fmt: str, task: dict) -> Iterator[st
 def write_output(pieces: Iterable[str], output: Optional[str]) -> None:
     """Write ``pieces`` to stdout, or to file ``output`` atomically (whole or not at all)."""
     if output is None or output == STDIN:
-        for piece in pieces:
-            sys.stdout.write(piece)
-        sys.stdout.flush()
+        try:
+            for piece in pieces:
+                sys.stdout.write(piece)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader stopped early (| head): not an error of ours
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
         return
     from ..fileio import atomic_write_via
 

@@ -6,8 +6,8 @@ Layout (a packed export, :mod:`ds_kdqat.quant.export`, plus what rebuilds the mo
     tokenizer files        tokenizer.json, vocab.txt, … (text models) or preprocessor_config.json (image models)
     weights.safetensors    packed codes + scales of the quantized weights, the other tensors as they are
     manifest.json          format/version, quant config, one entry per quantized weight, and:
-                           "task":  name, kind, labels, text_fields, max_seq_length, primary_metric, input_kind,
-                                    token_type_ids
+                           "task":  name, kind, labels, text_fields, label_field, max_seq_length, metrics,
+                                    primary_metric, input_kind, token_type_ids
                            "model": family, architecture (the class to build), num_parameters
                            "files": size and SHA-256 of every file above, checked on load
 
@@ -48,8 +48,8 @@ def task_description(spec: Any, max_seq_length: Optional[int], input_kind: str =
     else:
         kind = "regression" if spec.is_regression else "classification"
     return {"name": spec.name, "kind": kind, "labels": list(spec.labels), "text_fields": list(spec.text_fields),
-            "max_seq_length": max_seq_length, "primary_metric": spec.primary_metric, "input_kind": input_kind,
-            "token_type_ids": bool(token_type_ids)}
+            "label_field": spec.label_field, "max_seq_length": max_seq_length, "metrics": list(spec.metrics),
+            "primary_metric": spec.primary_metric, "input_kind": input_kind, "token_type_ids": bool(token_type_ids)}
 
 
 def check_task(task: Any, source: str) -> dict:
