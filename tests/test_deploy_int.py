@@ -229,3 +229,15 @@ def test_bad_manifest_and_old_exports(export_dir, tmp_path):
     export_packed(_student("ternarybert"), old)
     with pytest.raises(DataError, match="ds-kdqat export"):
         ds_kdqat.load_student(old)
+
+
+@pytest.mark.parametrize("backend", ["fakequant", "int8"])
+def test_inference_mode_gives_the_no_grad_logits(backend, tokenizer, tmp_path):
+    folder = _export(_student("ternarybert"), tmp_path / "export", tokenizer)
+    model = ds_kdqat.load_student(folder, backend)
+    inputs = _inputs(tokenizer)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with torch.inference_mode():
+        got = model(**inputs).logits
+    assert torch.equal(got, expected)

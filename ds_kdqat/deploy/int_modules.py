@@ -24,7 +24,7 @@ from torch import nn
 
 from ds_kdqat.deploy.int_ops import ACTIVATION_ENCODERS, INT8_MAX_BITS, IntTensor, int_linear, weight_int_form
 from ds_kdqat.quant.methods import QUANT_METHODS
-from ds_kdqat.quant.modules import QUANT_MODULE_TYPES, ActQuantizer, QuantEmbedding, QuantLinear
+from ds_kdqat.quant.modules import QUANT_MODULE_TYPES, ActQuantizer, QuantEmbedding, QuantLinear, version_key
 
 
 def integer_activation_supported(quantizer: ActQuantizer) -> Optional[str]:
@@ -73,10 +73,10 @@ class IntLinear(nn.Module):
         if not quantizer.shared:
             return encode_activation(quantizer, x.reshape(-1, self.in_features))
         memo = quantizer.__dict__.get("_kdqat_int_memo")
-        if memo is not None and memo[0]() is x and memo[1] == x._version:
+        if memo is not None and memo[0]() is x and memo[1] == version_key(x):
             return memo[2]
         encoded = encode_activation(quantizer, x.reshape(-1, self.in_features))
-        quantizer.__dict__["_kdqat_int_memo"] = (weakref.ref(x), x._version, encoded)
+        quantizer.__dict__["_kdqat_int_memo"] = (weakref.ref(x), version_key(x), encoded)
         return encoded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

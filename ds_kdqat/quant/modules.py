@@ -120,6 +120,13 @@ class WeightQuantizer(nn.Module):
         return self.describe()
 
 
+def version_key(x: torch.Tensor) -> Optional[int]:
+    """``x``'s version counter, which changes with every in-place update; None for an inference-mode tensor
+    (which has none: within ``torch.inference_mode`` a memo keyed on it trusts that an input is not modified in
+    place between the linears that share it, as HF's attention modules do not)."""
+    return None if x.is_inference() else x._version
+
+
 class ActQuantizer(nn.Module):
     """Activation fake quantization by a registered activation method (``method``, default ``"uniform"``:
     dynamic per-tensor statistics of the current batch; ``"lsq"``: a learned step size, whose tensors the
@@ -147,11 +154,11 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared:
             memo = self.__dict__.get("_memo")
-            if memo is not None and memo[0]() is x and memo[1] == (x._version, torch.is_grad_enabled()):
+            if memo is not None and memo[0]() is x and memo[1] == (version_key(x), torch.is_grad_enabled()):
                 return memo[2]
         out = self.quantizer.quantize(x, self)
         if self.shared:
-            self.__dict__["_memo"] = (weakref.ref(x), (x._version, torch.is_grad_enabled()), out)
+            self.__dict__["_memo"] = (weakref.ref(x), (version_key(x), torch.is_grad_enabled()), out)
         return out
 
     def __getstate__(self):
