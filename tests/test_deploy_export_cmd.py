@@ -103,10 +103,16 @@ def test_a_run_folder_exports_to_student_packed_with_its_task(run_dir, capsys):
         torch.testing.assert_close(exported(input_ids=ids, attention_mask=(ids != 0).long()).logits,
                                    reference(input_ids=ids, attention_mask=(ids != 0).long()).logits)
 
-    status, _, err = export(capsys, run_dir)  # an export is there now
-    assert status == 2 and "already holds an export; pass --overwrite" in err
-    status, _, err = export(capsys, run_dir, "--overwrite", "--ternary_packing", "base3")
+    # the run's own export is replaced without --overwrite (it is the training job's export of this student)
+    status, _, err = export(capsys, run_dir, "--ternary_packing", "base3")
     assert status == 0 and manifest(packed)["ternary_packing"] == "base3"
+    # an export elsewhere is replaced only with --overwrite
+    status, _, err = export(capsys, run_dir, "--out", run_dir.parent / "elsewhere")
+    assert status == 0, err
+    status, _, err = export(capsys, run_dir, "--out", run_dir.parent / "elsewhere")
+    assert status == 2 and "already holds an export; pass --overwrite" in err
+    status, _, err = export(capsys, run_dir, "--out", run_dir.parent / "elsewhere", "--overwrite")
+    assert status == 0, err
 
 
 def test_a_student_folder_in_a_run_reads_the_runs_task_and_needs_out(run_dir, tmp_path, capsys):

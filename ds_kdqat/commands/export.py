@@ -273,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
     run_config = read_run_config(run_dir) if run_dir is not None else None
     spec, max_seq_length = resolve_task(args, run_config, student)
     out = default_out(args, run_dir, student)
-    check_out(out, args.overwrite, student)
+    # a run's own student_packed/ is the training job's export of the same student: re-exporting it (to add
+    # ONNX, or another packing) needs no --overwrite
+    check_out(out, args.overwrite or not args.out, student)
     export_onnx = onnx_exporter() if args.onnx else None
     preprocessing = tokenizer_source(student, run_dir)
 
