@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ds_kdqat.data.description import CUSTOM, CUSTOM_KEYS, validate_description
+from ds_kdqat.data.description import CUSTOM, CUSTOM_KEYS, validate_description, validate_primary_metric
 from ds_kdqat.data.glue_format import ON_BAD_ROW_CHOICES
 from ds_kdqat.data.tasks import TASKS, get_task
 from ds_kdqat.configtools import is_int
@@ -40,6 +40,10 @@ class DataConfig:
         split_seed: seed of the ``rt_polarity`` split.
         max_train_examples: use only the first N train examples (quick runs); None for all.
         max_eval_examples: use only the first N examples of each evaluation split; None for all.
+        primary_metric: the metric that picks the best checkpoint and heads the results (``results.json``'s
+            ``primary_metric``, the sweep tables), overriding the task's default; one of the task's metrics
+            (e.g. ``"spearman"`` for ``stsb``, whose default is ``"pearson"``; ``"accuracy"`` for ``mrpc``/``qqp``,
+            whose default is ``"f1"``). None keeps the task's default.
 
     Extractive QA (``squad``): ``train_file``/``dev_file`` (SQuAD JSON) and the keys of
     :mod:`ds_kdqat.data.qa_config` (``version``, ``doc_stride``, ``max_query_length``, ``max_answer_length``,
@@ -56,8 +60,8 @@ class DataConfig:
 
     A task from a description (``task: "custom"``, see :mod:`ds_kdqat.data.description`) reads ``train_file``
     (the train split), ``dev_file``, ``test_file``, ``format``, ``text_columns``, ``label_column``, ``task_type``,
-    ``labels``, ``metrics``, ``primary_metric``, and with source ``"hub"`` ``hub_id``, ``hub_config``,
-    ``hub_train_split``, ``hub_dev_split``, ``hub_test_split``.
+    ``labels``, ``metrics`` (its ``primary_metric`` defaults to the first), and with source ``"hub"``
+    ``hub_id``, ``hub_config``, ``hub_train_split``, ``hub_dev_split``, ``hub_test_split``.
     """
 
     task: str = "rt_polarity"
@@ -117,9 +121,11 @@ class DataConfig:
                               f"or '{CUSTOM}' for a task described by its files and columns")
         spec = get_task(self.task, f"{path}.task")
         for key in CUSTOM_KEYS:
-            if key != "dev_file" and getattr(self, key) is not None:  # dev_file: QA's too, checked there
+            # dev_file: QA's too, checked there; primary_metric: any task's, checked below
+            if key not in ("dev_file", "primary_metric") and getattr(self, key) is not None:
                 raise ConfigError(f"{path}.{key}", f"only for task '{CUSTOM}' (task is {self.task!r}, whose files, "
                                   "columns and metrics are fixed)")
+        validate_primary_metric(self.primary_metric, spec, f"{path}.primary_metric")
         if self.source == "hub" and spec.hub_id is None and spec.name != HUB_IMAGES:
             hint = f"; for an image dataset on the hub use task '{HUB_IMAGES}'" if spec.is_image else ""
             raise ConfigError(f"{path}.source", f"task {self.task!r} is not on the hub; use 'local'{hint}")

@@ -26,10 +26,14 @@ Keys (all of :class:`~ds_kdqat.data.config.DataConfig`; only ``task: "custom"`` 
 * ``metrics``: names from :data:`CLASSIFICATION_METRICS` / :data:`REGRESSION_METRICS`; default
   ``["macro_f1", "accuracy"]`` / ``["pearson", "spearman"]``. ``primary_metric`` (default: the first metric)
   picks the best checkpoint.
+
+``primary_metric`` is also read for a registered task, where it replaces the task's default (one of the task's
+fixed metrics, e.g. ``spearman`` for ``stsb``, as the GLUE papers report it); the other keys above are not.
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ds_kdqat.data.files import FORMATS, format_of
@@ -48,7 +52,8 @@ DEFAULT_TEXT_COLUMNS = ("text",)
 DEFAULT_LABEL_COLUMN = "label"
 DEFAULT_HUB_SPLITS = {"train": "train", "dev": "validation"}
 
-#: Keys read only by a described task (``task: "custom"``).
+#: Keys a described task (``task: "custom"``) reads; of them, a registered task reads ``primary_metric`` (and QA
+#: ``dev_file``) too.
 CUSTOM_KEYS: tuple[str, ...] = (
     "dev_file", "test_file", "format", "text_columns", "task_type", "labels", "metrics", "primary_metric",
     "hub_config", "hub_train_split", "hub_test_split",
@@ -63,8 +68,26 @@ def is_described(config: "DataConfig") -> bool:
 
 
 def task_spec(config: "DataConfig", path: str = "kdqat.data.task") -> TaskSpec:
-    """The task of ``config``: the described one, or the registered preset it names."""
-    return described_spec(config) if is_described(config) else get_task(config.task, path)
+    """The task of ``config``: the described one, or the registered preset it names, with ``primary_metric``
+    (when set) as the metric that picks the best checkpoint and heads the results."""
+    if is_described(config):
+        return described_spec(config)
+    spec = get_task(config.task, path)
+    if config.primary_metric is None or config.primary_metric == spec.primary_metric:
+        return spec
+    validate_primary_metric(config.primary_metric, spec, path.rsplit(".", 1)[0] + ".primary_metric")
+    return spec.with_primary_metric(config.primary_metric)
+
+
+def validate_primary_metric(name: Any, spec: TaskSpec, path: str) -> None:
+    """``name`` (a ``primary_metric`` setting; None = the task's default) is one of ``spec``'s metrics; a
+    :class:`ConfigError` at ``path`` naming the allowed values otherwise."""
+    if name is None:
+        return
+    if not isinstance(name, str) or name not in spec.metrics:
+        allowed = ", ".join(json.dumps(m) for m in spec.metrics)
+        raise ConfigError(path, f"got {json.dumps(name)}; allowed for task {spec.name!r}: {allowed} "
+                                f"(default {json.dumps(spec.primary_metric)})")
 
 
 def task_type(config: "DataConfig") -> str:

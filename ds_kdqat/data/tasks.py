@@ -45,7 +45,8 @@ class TaskSpec:
         labels: raw label strings in class-index order; empty for regression.
         is_regression: True when the label is a float score (STS-B).
         metrics: metric names computed at evaluation, in report order.
-        primary_metric: the metric (one of ``metrics``) that picks the best checkpoint.
+        primary_metric: the metric (one of ``metrics``) that picks the best checkpoint; a config may choose
+            another of ``metrics`` (``kdqat.data.primary_metric``, :meth:`with_primary_metric`).
         has_header: whether the tsv files start with a header line naming the columns.
         columns: names of the positional columns of header-less files (CoLA); empty when ``has_header``.
         split_files: split name -> file name inside the task directory. ``"train"`` is always present; the
@@ -135,6 +136,13 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r} has a fixed label list {self.labels}")
         return dataclasses.replace(self, labels=tuple(labels), labels_from_data=False)
 
+    def with_primary_metric(self, name: str) -> "TaskSpec":
+        """This spec with ``name`` (one of its metrics) picking the best checkpoint instead of its default
+        (``kdqat.data.primary_metric``; e.g. Spearman for STS-B, as the GLUE papers report it)."""
+        if name not in self.metrics:
+            raise ValueError(f"task {self.name!r}: primary_metric {name!r} is not in {self.metrics}")
+        return dataclasses.replace(self, primary_metric=name)
+
     @property
     def is_pair(self) -> bool:
         """True when examples have two texts (``text_b`` is set)."""
@@ -218,6 +226,8 @@ def mrpc() -> TaskSpec:
 
 @register_task
 def stsb() -> TaskSpec:
+    # Pearson picks the best checkpoint by default; TernaryBERT and its follow-ups report Spearman:
+    # kdqat.data.primary_metric = "spearman" (the ds_configs/paper/*_stsb.json configs set it).
     return TaskSpec(
         name="stsb", text_fields=("sentence1", "sentence2"), label_field="score", labels=(), is_regression=True,
         metrics=("pearson", "spearman"), primary_metric="pearson",

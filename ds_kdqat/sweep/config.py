@@ -2,7 +2,9 @@
 
 A sweep file is JSON or YAML (``.yaml``/``.yml``)::
 
-    ds_config: ds_configs/map.json          # base config every point starts from
+    ds_config: ds_configs/map.json          # base config every point starts from; may name the point's
+                                            # {task}, {recipe}, {budget} (lower case): per-task settings
+                                            # such as ds_configs/paper/ternarybert_{task}.json
     output_root: runs/sweep-minilm          # one sub-directory per grid point
     launcher: "deepspeed --num_accelerators 2"   # command prefix; "" = the Python running the sweep
     axes:
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -33,6 +36,10 @@ from ..errors import ConfigError
 
 Scalar = bool | int | float | str
 BudgetName = Literal["O", "O2", "O4"]
+
+# what a ds_config path may name of its point (ds_configs/paper/ternarybert_{task}.json)
+PLACEHOLDERS = ("task", "recipe", "budget")
+PLACEHOLDER = re.compile(r"\{(\w*)\}")
 
 # run/train.py of this checkout: the default trainer.
 DEFAULT_TRAINER = Path(__file__).resolve().parents[2] / "run" / "train.py"
@@ -185,6 +192,10 @@ class SweepConfig:
         prefix = f"{path}." if path else ""
         if not self.ds_config:
             raise ConfigError(f"{prefix}ds_config", "is required: the base ds_config JSON every point starts from")
+        unknown = sorted(set(PLACEHOLDER.findall(self.ds_config)) - set(PLACEHOLDERS))
+        if unknown:
+            raise ConfigError(f"{prefix}ds_config", f"unknown placeholder {{{unknown[0]}}}; allowed: "
+                              + ", ".join(f"{{{name}}}" for name in PLACEHOLDERS))
         if not self.output_root:
             raise ConfigError(f"{prefix}output_root", "must be a directory path")
         if self.timeout_s is not None and self.timeout_s <= 0:
@@ -248,11 +259,26 @@ def resolve_paths(config: SweepConfig, check_files: bool = True) -> SweepConfig:
     config.output_root = str(Path(config.output_root).expanduser().resolve())
     config.trainer = str(Path(config.trainer).expanduser().resolve()) if config.trainer else str(DEFAULT_TRAINER)
     if check_files:
-        if not Path(config.ds_config).is_file():
-            raise ConfigError("ds_config", f"file not found: {config.ds_config}")
+        for ds_config in sorted(set(ds_configs_of(config))):
+            if not Path(ds_config).is_file():
+                raise ConfigError("ds_config", f"file not found: {ds_config}")
         if not Path(config.trainer).is_file():
             raise ConfigError("trainer", f"file not found: {config.trainer}")
     return config
+
+
+def ds_config_for(config: SweepConfig, recipe: str, task: str, budget) -> str:
+    """The ds_config of a point: ``config.ds_config`` with its placeholders filled in (lower case;
+    budget ``O2`` → ``o2``, a numeric budget as written, ``1.5``)."""
+    values = {"task": task, "recipe": recipe, "budget": budget if isinstance(budget, str) else f"{budget:g}"}
+    return PLACEHOLDER.sub(lambda match: str(values[match.group(1)]).lower(), config.ds_config)
+
+
+def ds_configs_of(config: SweepConfig) -> list[str]:
+    """Every point's ds_config (one path when the file names no placeholder)."""
+    axes = config.axes
+    return [ds_config_for(config, recipe, task, budget)
+            for recipe in axes.recipes for task in axes.tasks for budget in axes.budgets]
 
 
 def sweep_config_to_json(config: SweepConfig) -> dict:

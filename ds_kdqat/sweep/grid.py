@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Scalar, SweepConfig
+from .config import Scalar, SweepConfig, ds_config_for
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 
@@ -99,7 +99,8 @@ def point_overrides(config: SweepConfig, point: GridPoint) -> list[str]:
 
 def point_command(config: SweepConfig, point: GridPoint) -> list[str]:
     """launcher + trainer + ``--ds_config`` + ``--output_dir`` + one ``--set`` per override + trainer_args."""
-    command = config.launcher_words() + [config.trainer, "--ds_config", config.ds_config,
+    ds_config = ds_config_for(config, point.recipe, point.task, point.budget)
+    command = config.launcher_words() + [config.trainer, "--ds_config", ds_config,
                                          "--output_dir", str(point_dir(config, point))]
     for override in point_overrides(config, point):
         command += ["--set", override]
