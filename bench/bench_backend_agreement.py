@@ -7,7 +7,9 @@ when the ``[deploy]`` extra is installed) into a temporary folder, and every bac
 micro-batch size: the 8-bit activation ranges are per batch, so batches must match). Printed per run and
 backend: the primary metric, the share of examples whose predicted class equals the fake-quant student's, and
 the deviation of the logits from the fake-quant ones relative to the largest fake-quant logit (median and
-maximum over examples).
+maximum over examples). The row ``fakequant ±1ulp`` is the fake-quant student itself with its embedding output
+scaled by (1 + 2⁻²³), one unit in the last place: how far a change of float rounding alone moves this student,
+the floor no other arithmetic (another BLAS, another backend) can go below.
 
 Why a trained student: with per-batch min-max activation ranges, any change in the last bit of one value can
 move a tensor's range and so many codes; a student fresh from quantization (no QAT) has logit margins smaller
@@ -61,6 +63,13 @@ def logits_of(model, dataset, batch_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def one_ulp_off(model):
+    """``model`` with its embedding output scaled by 1 + 2⁻²³ (a forward hook on its input embeddings' module)."""
+    embeddings = model.base_model.embeddings
+    embeddings.register_forward_hook(lambda module, inputs, output: output * (1 + 2 ** -23))
+    return model
+
+
 def check_run(run_dir: Path, batch_size: int, workdir: Path) -> list[tuple]:
     import ds_kdqat
     from ds_kdqat.data.metrics import compute_metrics
@@ -86,6 +95,7 @@ def check_run(run_dir: Path, batch_size: int, workdir: Path) -> list[tuple]:
     size = batch_size or run.micro_batch_size
     labels = [dev[i]["labels"].item() for i in range(len(dev))]
     results = {b: logits_of(ds_kdqat.load_student(folder, b), dev, size) for b in backends}
+    results["fakequant ±1ulp"] = logits_of(one_ulp_off(ds_kdqat.load_student(folder, "fakequant")), dev, size)
     reference = results["fakequant"]
     scale = reference.abs().max().item()
     rows = []

@@ -33,6 +33,8 @@ OPTIONS = {
                 "--output_format", "--overwrite", "--backend", "--batch_size", "--eval", "--no_progress"],
     "export": ["--out", "--onnx", "--ternary_packing", "--overwrite", "--task", "--labels", "--task_type",
                "--text_columns", "--max_seq_length"],
+    "estimate": ["--ds_config", "--set", "--model", "--layers", "--hidden", "--heads", "--ffn", "--vocab", "--family",
+                 "--seq", "--world_size", "--gpu_memory", "--device", "--activation_checkpointing", "--json"],
 }
 
 

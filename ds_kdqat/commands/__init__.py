@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "write the self-contained export of a trained student (optionally ONNX too)"),
     "predict": ("predict", "predict with an exported student: a task file or lines in, labels out"),
     "launch": ("launch", "run DeepSpeed's launcher so that SIGTERM/Ctrl-C checkpoint and exit 143"),
+    "estimate": ("estimate", "per-rank memory of a run by part, the largest micro batch that fits, what to change"),
 }
 
 

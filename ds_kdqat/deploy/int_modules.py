@@ -64,6 +64,12 @@ class IntLinear(nn.Module):
         self.act_quant = act_quant
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The int8 codes (out, in), under the name model code reads (HF's T5 checks ``wo.weight.dtype`` and
+        leaves an int8 weight's input in its own dtype). Decoded values: ``weight_int.dequantize()``."""
+        return self.weight_codes
+
+    @property
     def weight_int(self) -> IntTensor:
         return IntTensor(self.weight_codes, self.weight_scale, self.weight_shift)
 
