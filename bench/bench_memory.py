@@ -269,7 +269,6 @@ def as_rank(argv: list[str]) -> None:
 
     script = str(REPO / "run" / "train.py")
     sys.argv = [script, *argv]
-    sys.path[0] = str(REPO / "run")
     series: list[tuple[float, int]] = []  # (seconds since start, VmRSS bytes), every 50 ms
     started, done = time.time(), threading.Event()
 

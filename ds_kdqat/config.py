@@ -76,6 +76,11 @@ class ScheduleConfig:
 
     ``epochs`` may be fractional. ``max_steps`` caps the optimizer steps (for quick runs). Warm-up is a
     fraction of all steps, then the learning rate decays linearly to zero (BERT's schedule).
+    ``bertadam_max_grad_norm`` > 0: BertAdam clips each parameter's gradient to that norm on its own before its
+    update, as the reference BertAdam does (default 0: off; DeepSpeed's global ``gradient_clipping`` is the
+    usual clipping). Only with ``optimizer: "bertadam"``, and only where the optimizer sees whole parameters:
+    ZeRO stage 0 (fp32, or fp16/bf16, whose fp32 master copies are per parameter there; see
+    :mod:`ds_kdqat.training.optim`).
     """
 
     epochs: float = 3.0
@@ -86,6 +91,7 @@ class ScheduleConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-6
     max_steps: Optional[int] = None
+    bertadam_max_grad_norm: float = 0.0
 
     def validate(self, path: str) -> None:
         _check_number(self.epochs, f"{path}.epochs", low=0, low_open=True)
@@ -98,6 +104,11 @@ class ScheduleConfig:
         _check_number(self.adam_eps, f"{path}.adam_eps", low=0, low_open=True)
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps <= 0):
             raise ConfigError(f"{path}.max_steps", f"got {self.max_steps}; must be a positive integer or null")
+        _check_number(self.bertadam_max_grad_norm, f"{path}.bertadam_max_grad_norm", low=0)
+        if self.bertadam_max_grad_norm > 0 and self.optimizer != "bertadam":
+            raise ConfigError(f"{path}.bertadam_max_grad_norm", f"got {self.bertadam_max_grad_norm:g} with optimizer "
+                              f"{json.dumps(self.optimizer)}; per-parameter clipping is BertAdam's (use 0, or "
+                              "DeepSpeed's gradient_clipping)")
 
 
 
@@ -253,6 +264,10 @@ def parse_config(data: dict[str, Any], overrides: Optional[list[str]] = None, so
             ds[monitor] = {**section, "output_path": os.path.join(kdqat.output_dir, "monitor")}
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     for section in ("finetune", "train"):
+        if getattr(kdqat, section).bertadam_max_grad_norm > 0 and stage > 0:
+            raise ConfigError(f"kdqat.{section}.bertadam_max_grad_norm",
+                              "per-parameter clipping needs each parameter's whole gradient, which ZeRO stages 1-3 "
+                              "split into flat partitions; use 0 (and gradient_clipping), or zero stage 0")
         if getattr(kdqat, section).optimizer == "adafactor" and stage > 0:
             raise ConfigError(f"kdqat.{section}.optimizer", "adafactor factorises each matrix's second moment, "
                               "which ZeRO stages 1-3 cannot do on their flat partitions; use zero stage 0, or "

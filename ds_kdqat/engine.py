@@ -13,13 +13,23 @@ checkpoint at step s resumes with the same data order, RNG, optimizer and schedu
 stopped (see :mod:`ds_kdqat.training.order` and :mod:`ds_kdqat.training.checkpoint`).
 
 The loop itself (:func:`ds_kdqat.training.loop.run_loop`) only iterates micro batches and runs the step;
-logging, evaluation, the LAT update, checkpoints and stopping are callbacks (:mod:`ds_kdqat.training.callbacks`).
-The step's forward half is :func:`ds_kdqat.distill.step.kd_forward`; the phases are :mod:`ds_kdqat.distill.phases`.
+logging, evaluation, the LAT update, the early end of a Teacher-Intervention phase, checkpoints and stopping are
+callbacks (:mod:`ds_kdqat.training.callbacks`). The step's forward half is
+:func:`ds_kdqat.distill.step.kd_forward`; the phases are :mod:`ds_kdqat.distill.phases`.
+
+Gradient guard: on the first micro batch of each phase (in this process) the main rank checks which trainable
+student parameters that batch's loss can reach (:mod:`ds_kdqat.distill.gradients`: a walk of the autograd graph,
+nothing computed, so training is unchanged) and warns once, naming the parameters that get no gradient in the
+phase and that the phase does not leave untrained on purpose (those are reported at INFO level). It works under
+every ZeRO stage (partitioned parameters are still the graph's leaves); under activation checkpointing, or when
+the graph reaches no parameter at all, it cannot tell and is skipped with a DEBUG note.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,11 +40,13 @@ from torch import nn
 from .config import RunConfig, ScheduleConfig
 from .data.metrics import compute_metrics
 from .data.tasks import TaskSpec
+from .distill.gradients import compact_names, graph_check_possible, phase_gradient_report
 from .distill.phases import Phase
 from .distill.step import kd_forward, model_inputs
+from .errors import ConfigError
 from .models.taps import output_logits
-from .training.callbacks import (Checkpoint, DevEvaluation, LatFold, LogWindow, LoopState, ProgressBar,
-                                 StopOnSignal, StopTraining)
+from .training.callbacks import (Checkpoint, DevEvaluation, EarlyPhaseEnd, LatFold, LogWindow, LoopState,
+                                 ProgressBar, StopOnSignal, StopTraining)
 from .training.distributed import DistInfo
 from .training.loop import ordered_micro_batches, run_loop
 from .training.logger import RunLog
@@ -42,7 +54,14 @@ from .training.optim import build_optimizer, linear_warmup_decay, parameter_grou
 from .training.order import micro_batches_per_epoch
 from .training.zero import is_partitioned
 
-__all__ = ["StageResult", "StopTraining", "TeacherStudentEngine", "total_steps"]
+__all__ = ["NoGradientWarning", "StageResult", "StopTraining", "TeacherStudentEngine", "steps_per_epoch",
+           "total_steps"]
+
+logger = logging.getLogger(__name__)
+
+
+class NoGradientWarning(UserWarning):
+    """Trainable student parameters get no gradient in a phase (and the phase does not mean them to)."""
 
 
 def total_steps(schedule: ScheduleConfig, num_examples: int, micro_batch: int, world: int, accumulation: int,
@@ -56,6 +75,11 @@ def total_steps(schedule: ScheduleConfig, num_examples: int, micro_batch: int, w
             f"({micro_batch} per rank × {world} ranks)")
     steps = math.ceil(multiplier * schedule.epochs * per_epoch / accumulation)
     return min(steps, schedule.max_steps) if schedule.max_steps else steps
+
+
+def steps_per_epoch(num_examples: int, micro_batch: int, world: int, accumulation: int) -> int:
+    """Whole optimizer steps in one epoch of the training data (at least 1): the unit of ``ti.max_epochs``."""
+    return max(1, micro_batches_per_epoch(num_examples, micro_batch, world) // accumulation)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -79,9 +103,11 @@ class TeacherStudentEngine:
 
         self.run, self.dist, self.spec, self.log, self.stage = run, dist_info, spec, log, stage
         self.steps = steps
+        self.schedule = schedule
+        self._gradient_checked: set[str] = set()
         groups = parameter_groups(student, schedule.weight_decay)
         optimizer = build_optimizer(schedule.optimizer, groups, schedule.learning_rate, schedule.adam_betas,
-                                    schedule.adam_eps)
+                                    schedule.adam_eps, bertadam_max_grad_norm=schedule.bertadam_max_grad_norm)
         scheduler = linear_warmup_decay(optimizer, steps, schedule.warmup_proportion, segments)
         ds_config = dict(run.deepspeed)
         # BertAdam is element-wise like Adam, so ZeRO's flat partitions update it exactly; DeepSpeed only
@@ -120,9 +146,57 @@ class TeacherStudentEngine:
         student, and let DeepSpeed step at accumulation boundaries. Returns the logged terms of this micro
         batch."""
         loss, terms = kd_forward(self.teacher, self.engine, _to_device(batch, self.engine.device), phase)
+        if phase.name not in self._gradient_checked:
+            self._gradient_checked.add(phase.name)
+            self.check_gradients(loss, phase)
         self.engine.backward(loss)
         self.engine.step()
         return {name: float(value) for name, value in terms.items()}
+
+    def check_gradients(self, loss: torch.Tensor, phase: Phase) -> list[str]:
+        """The gradient guard (module docstring) on ``loss``, one micro batch's loss of ``phase`` before its
+        backward: warns (main rank) naming the trainable parameters without gradient that ``phase`` does not
+        leave untrained on purpose, and returns them ([] on other ranks or when the check is not possible)."""
+        if not self.dist.is_main:
+            return []
+        where = f"{self.stage}:{phase.name}"
+        why_not = graph_check_possible(self.engine)
+        if why_not is not None:
+            logger.debug("%s: gradient check skipped: %s", where, why_not)
+            return []
+        try:
+            missing, on_purpose = phase_gradient_report(loss, self.engine.module, phase)
+        except ValueError as error:
+            logger.debug("%s: gradient check skipped: %s", where, error)
+            return []
+        for why in dict.fromkeys(on_purpose.values()):
+            names = [name for name, reason in on_purpose.items() if reason == why]
+            logger.info("%s: %d parameter(s) not trained in this phase on purpose (%s): %s", where, len(names), why,
+                        ", ".join(compact_names(names)))
+        if missing:
+            warnings.warn(f"{where}: {len(missing)} trainable parameter(s) receive no gradient in this phase: "
+                          f"{', '.join(compact_names(missing))}. Their loss terms may be switched off (weight 0) or "
+                          "cut off by a teacher intervention", NoGradientWarning, stacklevel=2)
+        return missing
+
+    # -- the learning-rate schedule of a replanned stage ------------------------------------------------
+    def follow_plan(self, phases, state: Optional[LoopState] = None) -> None:
+        """Take the current plan of ``phases`` (a :class:`~ds_kdqat.distill.phases.KdPhases` whose TI phase ended
+        early, or restored so): its total steps (``self.steps``, ``state.total_steps``) and its learning-rate
+        segments. The scheduler's factor is replaced and the current learning rate recomputed from it, so the
+        next step runs at the rate of the new plan, as a resumed run does."""
+        self.steps = phases.total_steps
+        if state is not None:
+            state.total_steps = self.steps
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        factor = linear_warmup_decay(dummy, self.steps, self.schedule.warmup_proportion,
+                                     phases.segments).lr_lambdas[0]
+        scheduler = self.scheduler
+        scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+        rates = [base * factor(scheduler.last_epoch) for base in scheduler.base_lrs]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,13 +274,23 @@ class TeacherStudentEngine:
         dev = DevEvaluation(lambda: self.evaluate(dev_set), self.log, self.stage,
                             logging.eval_every or max(1, per_epoch // accumulation), self.spec.primary_metric,
                             on_best)
+        early_end = (EarlyPhaseEnd(phases, info.world_size, lambda state: self.follow_plan(phases, state))
+                     if getattr(phases, "convergence", None) is not None else None)
         saver = Checkpoint(self.engine, ckpt_dir, info.rank, logging.save_every, logging.keep_checkpoints,
-                           parts=(window, dev))
+                           parts=(window, dev) + ((early_end,) if early_end else ()))
         micro = saver.restore()
+        if early_end is not None and phases.ended:  # a TI phase had ended early: resume in the same plan
+            self.follow_plan(phases)
+        ended = saver.restored.get("ti_convergence", {}).get("ended") if early_end is None else None
+        if ended:
+            raise ConfigError("kdqat.distill.ti.convergence.enabled", f"is off, but in the checkpoint of this stage "
+                              f"({ckpt_dir}) Teacher-Intervention phases ended early ({ended}) under it; turn it "
+                              "back on to resume, or delete that folder to restart the stage")
         # Rows of this stage past the restored step (all of them on a fresh start) are logged again.
         self.log.truncate((self.stage,), micro // accumulation)
         progress = [ProgressBar(self.stage)] if info.is_main and logging.progress else []
-        callbacks = [LatFold(self.engine), *progress, window, dev, StopOnSignal(), saver]
+        callbacks = [LatFold(self.engine), *([early_end] if early_end else []), *progress, window, dev,
+                     StopOnSignal(), saver]
         ids = ordered_micro_batches(len(train_set), run.micro_batch_size, info.rank, info.world_size,
                                     run.kdqat.seed, micro)
         batches = (train_set.collate_fn([train_set[i] for i in chunk]) for chunk in ids)

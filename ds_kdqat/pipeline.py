@@ -49,7 +49,7 @@ from .data.images import load_image_splits
 from .data.qa_config import load_qa_split
 from .data.tasks import TaskSpec
 from .distill.phases import kd_phases, supervised_phases
-from .engine import StopTraining, TeacherStudentEngine, total_steps
+from .engine import StopTraining, TeacherStudentEngine, steps_per_epoch, total_steps
 from .deploy.artifact import export_student, task_description
 from .deploy.load import load_student as load_exported
 from .quant import QuantConfig, quantize_model
@@ -409,7 +409,10 @@ def train_student(ctx: JobContext, teacher_path: str):
         print(report.table())
     base = total_steps(cfg.train, len(ctx.data.train), run.micro_batch_size, info.world_size,
                        run.gradient_accumulation_steps)
-    phases, segments = kd_phases(cfg.distill, base, teacher.config.num_hidden_layers, ctx.task_type)
+    epoch = steps_per_epoch(len(ctx.data.train), run.micro_batch_size, info.world_size,
+                            run.gradient_accumulation_steps)
+    phases, segments = kd_phases(cfg.distill, base, teacher.config.num_hidden_layers, ctx.task_type,
+                                 steps_per_epoch=epoch)
     engine = TeacherStudentEngine(run, info, student, teacher, cfg.train, phases[-1].end, ctx.spec, ctx.log,
                                   "kdqat", segments)
     ctx.log.monitor = engine.engine.monitor

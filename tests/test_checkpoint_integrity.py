@@ -31,10 +31,9 @@ def deepspeed_module():
     import deepspeed
 
     yield deepspeed
-    import torch.distributed as dist
+    from tests.tiny import destroy_process_groups
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_groups()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -113,3 +113,18 @@ def tiny_batch() -> dict:
 
     ids = torch.tensor([[2, 5, 7, 9, 3, 40], [2, 11, 3, 63, 0, 0]])
     return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([0, 1])}
+
+
+def destroy_process_groups() -> None:
+    """End this process's process group and DeepSpeed's references to it (``deepspeed.comm`` keeps its groups in
+    module globals: a later engine in the same pytest process would otherwise use a destroyed group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -13,6 +13,7 @@ Recipe names come from :data:`ds_kdqat.distill.recipes.RECIPES` and term names (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -131,30 +132,121 @@ class TermWeights(dict):
                 raise ConfigError(f"{path}.{name}", f"got {value!r}; expected a finite number >= 0")
 
 
+DEFAULT_TI_STEP_FRACTION = 1.0 / 3.0
+
+
+@dataclass
+class ConvergenceConfig:
+    """Ending a Teacher-Intervention phase early when its loss plateaus (``distill.ti.convergence``).
+
+    The paper runs the TI step "until convergence (up to one epoch)". With ``enabled``, each TI phase
+    (``ti_output``, ``ti_map``; in ``ti_gradual`` each of the two on its own) ends after the first optimizer
+    step ``n`` (counted from the phase's start, ``n >= max(min_steps, 2·window)``) at which the mean of the
+    phase's step losses over the last ``window`` steps improved on the mean over the ``window`` steps before by
+    less than ``threshold``, relatively::
+
+        (mean(L[n−2w : n−w]) − mean(L[n−w : n])) / |mean(L[n−2w : n−w])| < threshold
+
+    ``L``: each step's ``total`` loss, the mean over its micro batches and over ranks (so every rank decides
+    the same). The steps the phase did not use: ``unused_steps`` ``"drop"`` (the following phases keep their
+    planned lengths and the run ends that many steps earlier: the paper's TI step of up to one epoch followed
+    by a KD-QAT step of fixed length) or ``"kd"`` (the KD-QAT step takes them: the total stays the budget).
+    The TI step's learning-rate segment (its warm-up and decay) is cut to end where the TI step now ends, and
+    the KD-QAT step's starts there. Where a phase ended is checkpointed, so a resumed run continues in the phase
+    (and learning-rate schedule) the uninterrupted run was in.
+    """
+
+    enabled: bool = False
+    window: int = 20
+    threshold: float = 0.01
+    min_steps: int = 0
+    unused_steps: Literal["drop", "kd"] = "drop"
+
+    def validate(self, path: str = "ti.convergence") -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"{path}.enabled", f"got {self.enabled!r}; expected true or false")
+        if not _is_int(self.window) or self.window < 1:
+            raise ConfigError(f"{path}.window", f"got {self.window!r}; expected an integer >= 1 (steps)")
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) \
+                or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ConfigError(f"{path}.threshold", f"got {self.threshold!r}; expected a finite number >= 0 "
+                                                   "(relative improvement, e.g. 0.01 = 1 %)")
+        if not _is_int(self.min_steps) or self.min_steps < 0:
+            raise ConfigError(f"{path}.min_steps", f"got {self.min_steps!r}; expected an integer >= 0")
+        _check_literal(self.unused_steps, Literal["drop", "kd"], f"{path}.unused_steps")
+
+    @property
+    def first_check(self) -> int:
+        """The first phase step count at which the criterion is evaluated."""
+        return max(self.min_steps, 2 * self.window)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class TeacherInterventionConfig:
     """The Teacher-Intervention step of the ``ti_*`` recipes.
 
-    Training is a TI step of ``step_fraction`` of the total steps, then normal KD-QAT on the intervened
-    student for the rest. In ``ti_gradual`` the TI step is TI-O for its first ``output_fraction``, then
-    TI-M. ``kd_recipe`` is the loss used in both steps (the paper trains the TI step with the same KD
-    objective as the baseline). ``layers``: where the teacher intervenes (all layers by default).
+    Training is a TI step, then normal KD-QAT on the intervened student for the rest. Its length:
+    ``steps`` optimizer steps when given, else ``step_fraction`` of the total steps (default a third: the
+    paper's one TI epoch of a three-epoch budget), in both cases at most ``max_epochs`` epochs of the training
+    data (default 1, the paper's "up to one epoch"; ``null`` lifts the cap). ``convergence`` may end it earlier
+    (:class:`ConvergenceConfig`). In ``ti_gradual`` the TI step is TI-O for its first ``output_fraction``
+    (rounded half up), then TI-M. ``kd_recipe`` is the loss used in both steps (the paper trains the TI step
+    with the same KD objective as the baseline); each TI phase adds its internal term
+    (``weights.ti_mha_output`` / ``weights.ti_attention_map``). ``layers``: where the teacher intervenes (all
+    layers by default).
     """
 
-    step_fraction: float = 1.0 / 3.0
+    step_fraction: float = DEFAULT_TI_STEP_FRACTION
+    steps: Optional[int] = None
+    max_epochs: Optional[float] = 1.0
     output_fraction: float = 0.5
     kd_recipe: str = "ternarybert"
     layers: LayerSelection = field(default_factory=LayerSelection)
+    convergence: ConvergenceConfig = field(default_factory=ConvergenceConfig)
 
     def validate(self, path: str = "ti") -> None:
         for name in ("step_fraction", "output_fraction"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{path}.{name}", f"got {value!r}; expected a number in [0, 1]")
+        if self.steps is not None:
+            if not _is_int(self.steps) or self.steps < 0:
+                raise ConfigError(f"{path}.steps", f"got {self.steps!r}; expected an integer >= 0 or null")
+            if self.step_fraction != DEFAULT_TI_STEP_FRACTION:
+                raise ConfigError(f"{path}.steps", f"and {path}.step_fraction ({self.step_fraction!r}) both set the "
+                                                   "TI step's length; set one of them")
+        if self.max_epochs is not None and (not isinstance(self.max_epochs, (int, float))
+                                            or isinstance(self.max_epochs, bool)
+                                            or not math.isfinite(self.max_epochs) or self.max_epochs <= 0):
+            raise ConfigError(f"{path}.max_epochs", f"got {self.max_epochs!r}; expected a number > 0 (epochs), "
+                                                    "or null for no cap")
         _check_name(self.kd_recipe, kd_recipe_names(), f"{path}.kd_recipe")
         self.layers.validate(f"{path}.layers")
         if self.layers.include_embedding is not True:
             raise ConfigError(f"{path}.layers.include_embedding", "has no meaning for intervention layers")
+        if not isinstance(self.convergence, ConvergenceConfig):
+            raise ConfigError(f"{path}.convergence", f"got {self.convergence!r}; expected an object")
+        self.convergence.validate(f"{path}.convergence")
+
+    def non_default_keys(self) -> list[str]:
+        """The keys (relative to ``ti``, nested ones dotted) whose values differ from the defaults: what a
+        recipe without Teacher Intervention would leave unused."""
+        return _changed_keys(self, type(self)(), "")
+
+
+def _changed_keys(obj, default, prefix: str) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        value, base = getattr(obj, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(value) and dataclasses.is_dataclass(base):
+            keys += _changed_keys(value, base, f"{prefix}{f.name}.")
+        elif value != base:
+            keys.append(prefix + f.name)
+    return keys
 
 
 @dataclass
@@ -176,11 +268,23 @@ class StageSpec:
             raise ConfigError(f"{path}.terms", "a stage needs a non-empty list of terms; allowed: " + _allowed(TERMS))
         for position, term in enumerate(self.terms):
             _check_name(term, tuple(TERMS), f"{path}.terms[{position}]")
+            _check_not_internal(term, f"{path}.terms[{position}]")
         if len(set(self.terms)) != len(self.terms):
             raise ConfigError(f"{path}.terms", f"got {self.terms!r}; a term is listed twice")
         if self.fraction is not None and (not isinstance(self.fraction, (int, float)) or isinstance(self.fraction, bool)
                                           or not 0.0 < self.fraction <= 1.0):
             raise ConfigError(f"{path}.fraction", f"got {self.fraction!r}; expected a number in (0, 1]")
+
+
+def _check_not_internal(term: str, path: str) -> None:
+    phase = TERMS[term].intervention
+    if phase is not None:
+        raise ConfigError(path, f"\"{term}\" is the internal term of the Teacher-Intervention phase \"{phase}\"; it is "
+                                f"added to that phase automatically (set weights.{term} to change or, at 0, drop it)")
+
+
+def _ti_recipes() -> tuple[str, ...]:
+    return tuple(name for name, recipe in RECIPES.items() if recipe.teacher_intervention)
 
 
 def _validate_stages(stages: list[StageSpec], path: str) -> None:
@@ -248,6 +352,7 @@ class DistillConfig:
         _check_literal(self.unified, Literal["SM1", "SM2"], f"{path}.unified")
         for position, term in enumerate(self.terms):
             _check_name(term, tuple(TERMS), f"{path}.terms[{position}]")
+            _check_not_internal(term, f"{path}.terms[{position}]")
         uses_custom = self.kd_recipe == "custom"
         if self.stages:
             if self.recipe != "custom":
@@ -261,6 +366,10 @@ class DistillConfig:
         if not uses_custom and self.terms:
             raise ConfigError(f"{path}.terms", f"is only used by the \"custom\" recipe (recipe is \"{self.recipe}\")")
         self.ti.validate(f"{path}.ti")
+        if not self.is_teacher_intervention:
+            for key in self.ti.non_default_keys():
+                raise ConfigError(f"{path}.ti.{key}", f"is only used by the Teacher-Intervention recipes "
+                                                      f"({_allowed(_ti_recipes())}); recipe is \"{self.recipe}\"")
         budget_multiplier(self.budget, f"{path}.budget")
 
     @property

@@ -19,9 +19,9 @@ output         pred, layer_output, attention_output
 map_output     pred, layer_output + SM1: attention_map, γ·attention_output / SM2: attention_output,
                γ·attention_map
 custom         the terms listed in ``distill.terms`` (any registered term)
-ti_map,        Teacher Intervention (:mod:`ds_kdqat.distill.schedule`) with the terms of ``ti.kd_recipe``
-ti_output,
-ti_gradual
+ti_map,        Teacher Intervention (:mod:`ds_kdqat.distill.schedule`) with the terms of ``ti.kd_recipe``;
+ti_output,     each TI phase adds its internal term on the intervened layers (``ti_output``:
+ti_gradual     ``ti_mha_output``; ``ti_map``: ``ti_attention_map``; see :mod:`ds_kdqat.distill.terms`)
 =============  ====================================================================================
 """
 
@@ -35,7 +35,7 @@ import torch
 from ds_kdqat.errors import ConfigError
 from ds_kdqat.models.taps import EncoderTaps
 
-from .terms import TERMS, Term, TermContext
+from .terms import TERMS, Term, TermContext, intervention_terms
 
 if TYPE_CHECKING:
     from .config import DistillConfig
@@ -117,6 +117,10 @@ def term_coefficients(config: "DistillConfig") -> dict[str, float]:
     unknown = [term for term in base if term not in TERMS]
     if unknown:
         raise ValueError(f"recipe {config.recipe!r} names unregistered loss terms {unknown}")
+    internal = [term for term in base if TERMS[term].intervention is not None]
+    if internal:
+        raise ValueError(f"recipe {config.recipe!r} names internal Teacher-Intervention terms {internal}; "
+                         "they are added to their phase by build_objective(phase=...)")
     for name, term in TERMS.items():
         if term.in_every_recipe:
             base.setdefault(name, 1.0)  # on when its weight > 0
@@ -129,7 +133,8 @@ class DistillObjective:
 
     ``required_taps``: tap names both forwards must record; ``record_layers``: the layer indices whose
     per-layer taps are needed (pass as ``forward_with_taps(..., layers=objective.record_layers)``);
-    ``coefficients``: {term: coefficient · weight}.
+    ``coefficients``: {term: coefficient · weight}; ``term_layers``: {term: layers} for the per-layer terms
+    that use other layers than ``layers`` (the internal Teacher-Intervention terms: the intervened layers).
 
     Typical step (the teacher may run under ``torch.no_grad()`` or ``torch.inference_mode()``)::
 
@@ -142,18 +147,20 @@ class DistillObjective:
     """
 
     def __init__(self, coefficients: dict[str, float], layers: tuple[int, ...], include_embedding: bool,
-                 task_type: TaskType, temperature: float, map_temperature: float):
+                 task_type: TaskType, temperature: float, map_temperature: float,
+                 term_layers: Optional[dict[str, tuple[int, ...]]] = None):
         if not coefficients:
             raise ValueError("the objective has no term with a non-zero weight")
         self.coefficients = coefficients
         self.layers = layers
+        self.term_layers = {term: tuple(chosen) for term, chosen in (term_layers or {}).items() if term in coefficients}
         self.include_embedding = include_embedding
         self.task_type = task_type
         self.temperature = temperature
         self.map_temperature = map_temperature
         self.terms: dict[str, Term] = {name: TERMS[name] for name in coefficients}
         self.required_taps = frozenset(term.tap for term in self.terms.values()) - {"logits"}
-        self.record_layers = layers
+        self.record_layers = tuple(sorted(set(layers).union(*self.term_layers.values())))
         self.needs_labels = any(term.needs_labels for term in self.terms.values())
 
     def term_value(self, term: str, student: EncoderTaps, teacher: Optional[EncoderTaps],
@@ -165,8 +172,9 @@ class DistillObjective:
         ctx = TermContext(student.attention_mask, labels, self.task_type, self.temperature, self.map_temperature)
         if not spec.per_layer:
             return spec.loss(getattr(student, spec.tap), None if teacher is None else getattr(teacher, spec.tap), ctx)
+        layers = self.term_layers.get(term, self.layers)
         return sum(spec.loss(student.get(spec.tap, i), teacher.get(spec.tap, i), ctx)
-                   for i in spec.indices(self.layers, self.include_embedding))
+                   for i in spec.indices(layers, self.include_embedding))
 
     def __call__(self, student: EncoderTaps, teacher: Optional[EncoderTaps],
                  labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -182,14 +190,27 @@ class DistillObjective:
 
 
 def build_objective(config: "DistillConfig", num_layers: int, task_type: TaskType = "classification",
-                    path: str = "distill") -> DistillObjective:
-    """The objective of ``config`` for a model with ``num_layers`` transformer layers."""
+                    path: str = "distill", phase: Optional[str] = None) -> DistillObjective:
+    """The objective of ``config`` for a model with ``num_layers`` transformer layers.
+
+    ``phase``: a Teacher-Intervention phase (``"ti_output"``, ``"ti_map"``) adds its internal terms
+    (:func:`~ds_kdqat.distill.terms.intervention_terms`) on the intervened layers ``config.ti.layers``, each
+    with coefficient ``weights.<term>`` (left out at 0); None or a KD phase: the recipe's terms only.
+    """
     config.validate(path)
     if task_type not in ("classification", "regression", "qa"):
         raise ValueError(f"task_type must be 'classification', 'regression' or 'qa', got {task_type!r}")
     coefficients = term_coefficients(config)
+    term_layers = {}
+    if phase is not None and config.is_teacher_intervention:
+        intervened = config.ti.layers.resolve(num_layers, f"{path}.ti.layers")
+        for term in intervention_terms(phase):
+            weight = config.weights.weight(term)
+            if weight != 0.0:
+                coefficients[term] = weight
+                term_layers[term] = intervened
     if not coefficients:
         raise ConfigError(f"{path}.weights", f"every term of recipe \"{config.recipe}\" has weight 0")
     layers = config.layers.resolve(num_layers, f"{path}.layers")
     return DistillObjective(coefficients, layers, config.layers.include_embedding, task_type,
-                            config.temperature, config.map_temperature)
+                            config.temperature, config.map_temperature, term_layers)

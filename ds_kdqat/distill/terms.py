@@ -23,10 +23,28 @@ attention_map       attention_maps      yes        attention_map_kl(τ_map)
 attention_output    attention_outputs   yes        attention_output_mse
 mha_output          mha_outputs         yes        mha_output_mse
 context             contexts            yes        context_mse
+ti_mha_output       mha_outputs         TI layers  mha_output_mse   (internal term of TI-O phases)
+ti_attention_map    attention_maps      TI layers  attention_map_kl (internal term of TI-M phases)
 ==================  ==================  =========  ================================================
 
 ``ground_truth`` takes part in every recipe (``in_every_recipe``) and has default weight 0, so it is off
 until ``weights.ground_truth > 0``; every other term has default weight 1.
+
+*Internal terms* of Teacher Intervention (``intervention`` names their phase): in a TI phase the teacher's
+tensor replaces the student's at the intervened layers (``distill.ti.layers``) and is what flows on, so the
+student's own tensor at that point reaches no other loss. The phase's internal term compares that own tensor
+(recorded before the replacement) with the teacher's, at the intervened layers, so the parameters that
+produce it keep training — the paper's "the computation within the MHA sub-layer is quantized for internal
+distillation":
+
+* ``ti_mha_output`` (TI-O, phase ``ti_output``): MSE of the student's own MHA output
+  ``Concat(student context)·W_O + b_O`` with the teacher's (trains W_Q, W_K, W_V, W_O and their biases and
+  activation quantizers, which TI-O otherwise cuts off);
+* ``ti_attention_map`` (TI-M, phase ``ti_map``): KL(teacher ‖ student) of the student's own attention map
+  (τ_map) (trains W_Q, W_K, which TI-M otherwise cuts off unless the KD recipe has a score or map term).
+
+They are added to their phase automatically with coefficient 1 × ``weights.<term>`` (default 1; 0 switches
+the term off) and cannot be listed in ``distill.terms`` or stages.
 
 Adding a term: decorate a function ``(student, teacher, ctx) -> scalar`` with :func:`register_term` in a
 new module ``ds_kdqat/distill/terms_<name>.py`` (imported automatically with this one) or in any module
@@ -75,7 +93,9 @@ class Term:
     positions / rows are excluded (documentation, shown by :func:`describe_terms`); ``per_layer``,
     ``layer_offset``, ``embedding``: which tap entries it sums over; ``needs_labels``: the step must pass
     labels; ``in_every_recipe``: every recipe includes it (with coefficient 1, so its weight decides);
-    ``default_weight``: its weight when ``distill.weights`` does not name it; ``summary``: one line for docs.
+    ``default_weight``: its weight when ``distill.weights`` does not name it; ``summary``: one line for docs;
+    ``intervention``: the Teacher-Intervention phase (``"ti_output"``/``"ti_map"``) whose internal term this is
+    (added to that phase only, on the intervened layers; see the module docstring), None for recipe terms.
     """
 
     name: str
@@ -89,6 +109,7 @@ class Term:
     in_every_recipe: bool = False
     default_weight: float = 1.0
     summary: str = ""
+    intervention: Optional[str] = None
 
     def indices(self, layers: tuple[int, ...], include_embedding: bool) -> list[int]:
         """Tap indices a per-layer term sums over, for the selected ``layers``."""
@@ -101,15 +122,17 @@ TERMS: dict[str, Term] = {}
 
 def register_term(name: str, *, tap: str, padding: str, per_layer: bool = False, layer_offset: int = 0,
                   embedding: bool = False, needs_labels: bool = False, in_every_recipe: bool = False,
-                  default_weight: float = 1.0) -> Callable[[TermLoss], TermLoss]:
+                  default_weight: float = 1.0, intervention: Optional[str] = None) -> Callable[[TermLoss], TermLoss]:
     """Decorator: register the decorated loss function as term ``name`` (see :class:`Term`)."""
 
     def decorate(fn: TermLoss) -> TermLoss:
         if name in TERMS:
             raise ValueError(f"loss term {name!r} is registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        if intervention is not None and (not per_layer or in_every_recipe):
+            raise ValueError(f"loss term {name!r}: an internal Teacher-Intervention term is per layer and in no recipe")
         TERMS[name] = Term(name, tap, fn, padding, per_layer, layer_offset, embedding, needs_labels,
-                           in_every_recipe, default_weight, summary)
+                           in_every_recipe, default_weight, summary, intervention)
         return fn
 
     return decorate
@@ -120,6 +143,8 @@ def describe_terms() -> str:
     rows = ["| term | tap | per layer | default weight | padding | loss |", "|---|---|---|---|---|---|"]
     for term in TERMS.values():
         layer = ("yes, + embedding output" if term.embedding else "yes") if term.per_layer else "no"
+        if term.intervention is not None:
+            layer = f"intervened layers of `{term.intervention}` phases"
         tap = term.tap + (" + labels" if term.needs_labels else "")
         rows.append(f"| `{term.name}` | `{tap}` | {layer} | {term.default_weight:g} | {term.padding} | "
                     f"{term.summary} |")
@@ -187,6 +212,27 @@ def mha_output(student: Tensor, teacher: Tensor, ctx: TermContext) -> Tensor:
 def context(student: Tensor, teacher: Tensor, ctx: TermContext) -> Tensor:
     """MSE of per-head attention contexts."""
     return losses.context_mse(student, teacher, ctx.attention_mask)
+
+
+# ------------------------------------------------------------------- internal terms of Teacher Intervention
+
+
+@register_term("ti_mha_output", tap="mha_outputs", padding=_TOKENS, per_layer=True, intervention="ti_output")
+def ti_mha_output(student: Tensor, teacher: Tensor, ctx: TermContext) -> Tensor:
+    """TI-O internal distillation: MSE of the student's own MHA output (before the teacher's replaces it)."""
+    return losses.mha_output_mse(student, teacher, ctx.attention_mask)
+
+
+@register_term("ti_attention_map", tap="attention_maps", per_layer=True, intervention="ti_map",
+               padding="KL over real keys, mean over real query rows, then heads and non-empty sequences")
+def ti_attention_map(student: Tensor, teacher: Tensor, ctx: TermContext) -> Tensor:
+    """TI-M internal distillation: KL(teacher ‖ student) of the student's own attention map (τ_map)."""
+    return losses.attention_map_kl(student, teacher, ctx.attention_mask, temperature=ctx.map_temperature)
+
+
+def intervention_terms(phase: str) -> list[str]:
+    """The internal terms of Teacher-Intervention phase ``phase`` (registration order)."""
+    return [name for name, term in TERMS.items() if term.intervention == phase]
 
 
 # ------------------------------------------------------------------------------------------------ plug-in terms

@@ -4,7 +4,7 @@ Typical use::
 
     from ds_kdqat.quant import QuantConfig, quantize_model, after_optimizer_step, export_packed
     report = quantize_model(student, QuantConfig())        # TernaryBERT W2-E2-A8, in place
-    ...  # each applied optimizer step:  after_optimizer_step(student)   (no-op without LAT groups)
+    ...  # each applied optimizer step:  after_optimizer_step(student, optimizer=opt)   (no-op without LAT)
     export_packed(student, "out/packed")                   # -> SizeReport (W-E-A bits, MiB, ratio to fp32)
     model = load_packed("out/packed", make_fp32_model)     # logits equal the exported student's
 

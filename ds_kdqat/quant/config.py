@@ -179,21 +179,41 @@ class AttentionActConfig:
         _check_activation(self.method, self.bits, self.mode, self.clip, path, ("method", "bits", "mode", "clip"))
 
 
+SecondMomentSource = Literal["optimizer", "own"]
+SECOND_MOMENT_SOURCES = typing.get_args(SecondMomentSource)
+
+
 @dataclass
 class LatConfig:
     """Loss-aware ternarization settings (used by groups with ``method: lat``).
 
-    ``beta2``: decay of the second-moment EMA ``v ← β2·v + (1−β2)·g²`` (Adam's β2); ``eps``: ``D = sqrt(v) + eps``;
-    ``iters``: most alternating rounds per forward; ``sync_ranks``: average the accumulated gradient over the
-    data-parallel ranks before folding it into ``v`` (so every rank holds the same ``v``, the one Adam holds).
+    ``second_moment``: where LAT's diagonal ``D = sqrt(v) + eps`` takes ``v`` from.
+
+    * ``"optimizer"`` (default, as TernaryBERT): the optimizer's own second moment, Adam's ``exp_avg_sq``
+      (BertAdam, AdamW, DeepSpeed's Adams; of the fp32 master copy with fp16/bf16; under ZeRO 1-3 gathered from
+      the partitioned flat state), read after every applied step, as stored: without bias correction (BertAdam
+      has none; for AdamW the correction is one factor per tensor, which moves α and b only through ``eps``).
+      Where the optimizer keeps no element-wise second moment (SGD, Adafactor's factored one, DeepSpeed's
+      fused-fp16 wrapper of FusedAdam) the quantizer falls back to ``"own"``, with a warning.
+    * ``"own"``: an EMA kept by the quantizer from the gradient reaching the latent weight,
+      ``v ← β2·v + (1−β2)·g²`` after every applied step (``beta2``; averaged over data-parallel ranks when
+      ``sync_ranks``): Adam's recursion, but of the unclipped (and, with fp16, still loss-scaled) gradient.
+
+    ``eps``: ``D = sqrt(v) + eps`` (BertAdam's default ``e``, so with BertAdam D is its update's denominator);
+    ``iters``: most alternating rounds per quantization (fewer when ``b`` stops changing); ``beta2`` and
+    ``sync_ranks``: the ``"own"`` estimate's (unused with the optimizer's).
     """
 
+    second_moment: SecondMomentSource = "optimizer"
     beta2: float = 0.999
     eps: float = 1e-6
     iters: int = 10
     sync_ranks: bool = True
 
     def validate(self, path: str = f"{DEFAULT_PATH}.lat") -> None:
+        if self.second_moment not in SECOND_MOMENT_SOURCES:
+            raise ConfigError(f"{path}.second_moment", f"got {json.dumps(self.second_moment, default=repr)}; "
+                              "allowed: " + ", ".join(json.dumps(s) for s in SECOND_MOMENT_SOURCES))
         if isinstance(self.beta2, bool) or not isinstance(self.beta2, (int, float)) or not 0 <= self.beta2 < 1:
             raise ConfigError(f"{path}.beta2", f"got {self.beta2!r}, expected a number in [0, 1)")
         if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps)

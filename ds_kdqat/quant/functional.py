@@ -27,6 +27,7 @@ input back (zeros stay zeros, a constant stays that constant).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -229,6 +230,127 @@ def _fake_twn(w: torch.Tensor, granularity: str, clip: Optional[float]) -> torch
     return torch.copysign(alpha, w).mul_(support)
 
 
+class _Workspace(threading.local):
+    """Scratch buffers of the LAT solver, kept between calls (one set per thread, device and dtype).
+
+    The solver needs five tensor-sized temporaries per weight (|w|, D, D·|w|, the support mask, a product);
+    allocating them afresh for every weight of every forward is what made LAT slow on CPU (large blocks come
+    from ``mmap`` and go back on free, so each call paid page faults). Buffers grow to the largest request up
+    to :data:`LAT_WORKSPACE_MAX_ELEMENTS` elements; larger requests get temporaries.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def take(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if numel > LAT_WORKSPACE_MAX_ELEMENTS:
+            return torch.empty(numel, device=device, dtype=dtype)
+        key = (device, dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self.buffers.pop(key, None)
+            buffer = self.buffers[key] = torch.empty(numel, device=device, dtype=dtype)
+        return buffer[:numel]
+
+
+LAT_WORKSPACE_MAX_ELEMENTS = 5 * 2**23  # 5 buffers of 8.4 M elements (160 MiB in float32)
+_LAT_WORKSPACE = _Workspace()
+
+
+def _lat_solve(
+    w: torch.Tensor,
+    second_moment: torch.Tensor,
+    granularity: str,
+    clip: Optional[float],
+    iters: int,
+    eps: float,
+    rows: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The alternating LAT solution: ``(w clamped, support mask, α)``.
+
+    The mask is a 0/1 tensor of ``w``'s shape and dtype that lives in the workspace (valid until the next
+    call); α has shape ``()`` (layer) or ``(rows, 1, …)`` (row). ``rows``: ``w`` holds rows ``rows`` of the
+    table ``second_moment`` belongs to (row granularity only; D is read from those rows).
+
+    Arithmetic, step by step, is the plain alternating algorithm's (fresh tensors, ``torch.equal`` on the codes;
+    ``tests/test_lat_solver.py`` has it): the same products and the same reductions over tensors of the same
+    shape, so α and the codes come out bit for bit equal. What differs: nothing tensor-sized is allocated
+    (every temporary is a workspace view, written in place); the support is kept as a float mask (comparisons
+    into float and float sums are several times faster than bool tensors); and "b stopped changing" is decided
+    from the support sizes: consecutive supports are nested (``{|w| > Δ}`` for two thresholds), so they are
+    equal exactly when their sizes are.
+    """
+    w = _clip(w.detach(), clip)
+    dims = _reduce_dims(w, granularity)
+    if dims is None:
+        shape2 = (w.numel(),)
+        sum_ = lambda x: x.sum()  # noqa: E731
+    else:
+        shape2 = (w.shape[0], w.numel() // w.shape[0]) if w.shape[0] else (0, 1)
+        sum_ = lambda x: x.sum(dim=1, keepdim=True)  # noqa: E731
+    n = w.numel()
+    dtype = w.dtype
+    buf = _LAT_WORKSPACE.take(5 * n, w.device, dtype)
+    a, d, dw, mask, tmp = (buf[i * n:(i + 1) * n].view(shape2) for i in range(5))
+    torch.abs(w.reshape(shape2), out=a)
+    v = second_moment.detach()
+    if rows is not None:
+        if dims is None:
+            raise ValueError("rows needs row granularity")
+        table = v.reshape(v.shape[0], -1)
+        if table.dtype == dtype:
+            torch.index_select(table, 0, rows, out=d)
+        else:  # convert the looked-up rows only, not the table
+            d.copy_(table.index_select(0, rows))
+        d.sqrt_()
+    else:
+        torch.sqrt(v.to(dtype).reshape(shape2), out=d)
+    d.add_(eps)
+    torch.mul(d, a, out=dw)
+    # start: TWN's support |w| > 0.7·mean|w| (as twn_parts computes it)
+    threshold = TWN_THRESHOLD_FACTOR * (a.mean() if dims is None else a.mean(dim=1, keepdim=True))
+    torch.gt(a, threshold, out=mask)
+    # support sizes must be exact: float32 sums of 0/1 are up to 2^24 (a bf16/fp16 result is not past 256/2048)
+    count_dtype = None if dtype == torch.float64 else torch.float32 if shape2[-1] < 2**24 else torch.float64
+
+    def count() -> torch.Tensor:
+        return mask.sum(dtype=count_dtype) if dims is None else mask.sum(dim=1, keepdim=True, dtype=count_dtype)
+
+    def alpha_of_mask() -> torch.Tensor:
+        num = sum_(torch.mul(dw, mask, out=tmp))
+        den = sum_(torch.mul(d, mask, out=tmp))
+        # _ternary_alpha's formula (a Python 0 in place of zeros_like: same values, no tensor to build)
+        return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+    size = count()
+    for _ in range(iters):
+        alpha = alpha_of_mask()
+        torch.gt(a, alpha / 2, out=mask)
+        new_size = count()
+        if torch.equal(new_size, size):  # b unchanged: the mask is the previous support
+            return w, mask.view(w.shape), _scale_shape(alpha, w, dims)
+        size = new_size
+    return w, mask.view(w.shape), _scale_shape(alpha_of_mask(), w, dims)
+
+
+def _scale_shape(alpha: torch.Tensor, w: torch.Tensor, dims) -> torch.Tensor:
+    """α as the other ternary scales are shaped: ``()`` per tensor, ``(rows, 1, …, 1)`` per row."""
+    if dims is None:
+        return alpha
+    return alpha.reshape((w.shape[0],) + (1,) * (w.dim() - 1)) if w.dim() > 1 else alpha.reshape(w.shape)
+
+
+def _check_lat_args(w: torch.Tensor, second_moment: torch.Tensor, iters: int, rows: Optional[torch.Tensor]) -> None:
+    if rows is None and second_moment.shape != w.shape:
+        raise ValueError(f"second_moment has shape {tuple(second_moment.shape)}, expected {tuple(w.shape)}")
+    if rows is not None and (rows.dim() != 1 or rows.numel() != w.shape[0]
+                             or tuple(second_moment.shape[1:]) != tuple(w.shape[1:])):
+        raise ValueError(f"rows ({tuple(rows.shape)}) must index one row of second_moment "
+                         f"({tuple(second_moment.shape)}) per row of w ({tuple(w.shape)})")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+
+
 @torch.no_grad()
 def lat_parts(
     w: torch.Tensor,
@@ -237,6 +359,7 @@ def lat_parts(
     clip: Optional[float] = None,
     iters: int = 10,
     eps: float = 1e-6,
+    rows: Optional[torch.Tensor] = None,
 ) -> QuantParts:
     """Loss-aware ternarization (Hou & Kwok, 2018), the approximate alternating solver.
 
@@ -245,27 +368,37 @@ def lat_parts(
     alternates ``α = Σ|b·D·w| / Σ|b·D|`` and ``b = sign(w)·[|w| > α/2]`` until ``b`` stops changing or
     ``iters`` rounds have run; each half-step does not increase the objective, so the result is never worse
     than TWN's (in D-weighted error). Without a second moment this is :func:`twn_parts`.
+
+    ``rows`` (row granularity): ``w`` is made of rows ``rows`` of a larger table whose second moment
+    ``second_moment`` is (the looked-up rows of an embedding); each row's result is the one it has in the
+    table, rows being independent.
     """
-    start = twn_parts(w, granularity, clip)
     if second_moment is None:
-        return start
-    if second_moment.shape != w.shape:
-        raise ValueError(f"second_moment has shape {tuple(second_moment.shape)}, expected {tuple(w.shape)}")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    w = _clip(w.detach(), clip)
-    dims = _reduce_dims(w, granularity)
-    abs_w = w.abs()
-    d = second_moment.detach().to(w.dtype).sqrt() + eps
-    sign = torch.sign(w)
-    b = start.codes
-    for _ in range(iters):
-        alpha = _ternary_alpha(abs_w, b.abs(), dims, weight=d)
-        new_b = sign * (abs_w > alpha / 2).to(w.dtype)
-        if torch.equal(new_b, b):
-            return QuantParts("ternary", b, alpha, bits=2)
-        b = new_b
-    return QuantParts("ternary", b, _ternary_alpha(abs_w, b.abs(), dims, weight=d), bits=2)
+        return twn_parts(w, granularity, clip)
+    _check(granularity, GRANULARITIES, "granularity")
+    _check_lat_args(w, second_moment, iters, rows)
+    wc, mask, alpha = _lat_solve(w, second_moment, granularity, clip, iters, eps, rows)
+    return QuantParts("ternary", torch.sign(wc).mul_(mask), alpha, bits=2)
+
+
+@torch.no_grad()
+def _fake_lat(
+    w: torch.Tensor,
+    second_moment: Optional[torch.Tensor],
+    granularity: str,
+    clip: Optional[float],
+    iters: int,
+    eps: float,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``dequantize_parts(lat_parts(...))`` in fewer passes: ``copysign(α, w)·mask`` equals ``α·b`` bit for bit
+    (signed zeros included), as in :func:`_fake_twn`."""
+    if second_moment is None:
+        return _fake_twn(w, granularity, clip)
+    _check(granularity, GRANULARITIES, "granularity")
+    _check_lat_args(w, second_moment, iters, rows)
+    wc, mask, alpha = _lat_solve(w, second_moment, granularity, clip, iters, eps, rows)
+    return torch.copysign(alpha, wc).mul_(mask)
 
 
 @torch.no_grad()
@@ -326,8 +459,7 @@ def lat_ternarize(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Loss-aware ternary ``α·b`` minimising ``Σ D·(w − α·b)²`` (see :func:`lat_parts`). Shape of ``w``."""
-    parts = lat_parts(w, second_moment, granularity, clip, iters, eps)
-    return straight_through(w, dequantize_parts(parts), clip)
+    return straight_through(w, _fake_lat(w, second_moment, granularity, clip, iters, eps), clip)
 
 
 def binarize(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional[float] = None) -> torch.Tensor:

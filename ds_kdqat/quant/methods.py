@@ -36,6 +36,7 @@ from torch import nn
 
 from ds_kdqat.quant.functional import (
     QuantParts,
+    _fake_lat,
     _fake_twn,
     _fake_uniform,
     binary_parts,
@@ -203,27 +204,55 @@ class LatMethod(TernaryMethod):
     """Loss-aware ternarization (see :func:`~ds_kdqat.quant.functional.lat_parts`).
 
     ``owner`` is the :class:`~ds_kdqat.quant.modules.WeightQuantizer` holding the second moment ``v``, the
-    gradient accumulator it is built from (``grad_accum``, filled by the backward) and the ``lat`` settings.
+    gradient accumulator its own estimate is built from (``grad_accum``, filled by the backward while
+    ``owner.collects_gradient``) and the ``lat`` settings.
     """
 
     label = "LAT"
-    rows_independent = False  # α and b of a row need the whole table's gradient for v
+    rows_independent = False  # with its own estimate, v needs the whole table's gradient (see quantize_rows)
+
+    @staticmethod
+    def _settings(owner) -> tuple[int, float]:
+        lat: Optional[LatConfig] = getattr(owner, "lat", None)
+        return (lat.iters, lat.eps) if lat is not None else (10, 1e-6)
+
+    @staticmethod
+    def _moment(x: torch.Tensor, owner, rows: bool = False) -> Optional[torch.Tensor]:
+        v = getattr(owner, "second_moment", None)
+        if v is None:
+            return None
+        fits = v.shape[1:] == x.shape[1:] if rows else v.shape == x.shape
+        if not fits:  # e.g. a shape change after loading: start over from TWN
+            return None
+        if v.device != x.device:
+            v = owner.second_moment = v.to(x.device)
+        return v
 
     def parts(self, x, owner=None):
-        v = getattr(owner, "second_moment", None)
-        if v is not None and v.shape != x.shape:  # e.g. a shape change after loading: start over from TWN
-            v = None
-        if v is not None and v.device != x.device:
-            v = owner.second_moment = v.to(x.device)
-        lat: Optional[LatConfig] = getattr(owner, "lat", None)
-        iters, eps = (lat.iters, lat.eps) if lat is not None else (10, 1e-6)
-        return lat_parts(x, v, self.granularity, self.clip, iters, eps)
+        iters, eps = self._settings(owner)
+        return lat_parts(x, self._moment(x, owner), self.granularity, self.clip, iters, eps)
+
+    def fake(self, x, owner=None):
+        iters, eps = self._settings(owner)
+        return _fake_lat(x, self._moment(x, owner), self.granularity, self.clip, iters, eps)
 
     def quantize(self, x, owner=None):
         sink = None
-        if owner is not None and torch.is_grad_enabled() and x.requires_grad:
+        if owner is not None and owner.collects_gradient and torch.is_grad_enabled() and x.requires_grad:
             sink = owner._accumulator(x)
-        return straight_through(x, self.dequantize(self.parts(x, owner)), self.clip, sink)
+        return straight_through(x, self.fake(x, owner), self.clip, sink)
+
+    def quantize_rows(self, x: torch.Tensor, owner, rows: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x``, rows ``rows`` of the (row-wise) weight ``owner`` serves, with D read at those rows;
+        each row comes out as it does when the whole weight is quantized. No gradient is collected: only for a
+        quantizer whose ``v`` is the optimizer's (:attr:`~ds_kdqat.quant.modules.WeightQuantizer.quantizes_rows`).
+        """
+        if owner.collects_gradient or self.granularity != "row":
+            raise RuntimeError("LAT quantizes rows only row-wise and with the optimizer's second moment")
+        iters, eps = self._settings(owner)
+        v = self._moment(x, owner, rows=True)
+        return straight_through(x, _fake_lat(x, v, "row", self.clip, iters, eps, rows if v is not None else None),
+                                self.clip)
 
 
 @register_method("binary")

@@ -5,23 +5,31 @@ with their class switched (:meth:`QuantLinear.convert`), so parameter names (``�
 objects, hooks and any DeepSpeed ZeRO-3 attributes stay exactly as they were; the latent fp32 weight is what
 the optimizer updates and the forward uses its fake-quantized copy (straight-through gradient).
 
-Loss-aware ternarization needs the optimizer's second moment. Under ZeRO 1-3 the optimizer state lives in
-partitioned flat buffers, so instead each LAT :class:`WeightQuantizer` keeps its own estimate:
+Loss-aware ternarization (LAT) weights the quantization error by ``D = sqrt(v) + eps``, ``v`` a second moment of
+the gradient (``kdqat.quant.lat.second_moment``, :class:`~ds_kdqat.quant.config.LatConfig`). Each LAT
+:class:`WeightQuantizer` holds the ``v`` its forward uses, ``second_moment``, filled after every applied optimizer
+step by :func:`ds_kdqat.quant.after_optimizer_step` (the training loop's :class:`~ds_kdqat.training.callbacks.LatFold`):
 
-* backward: the gradient reaching the latent weight (the straight-through gradient, i.e. exactly the
-  parameter's gradient from this use, full-shaped even under ZeRO-3) is added into ``grad_accum``
-  (float32) — over all micro-batches of a step, which is the accumulated gradient DeepSpeed steps with;
-* :func:`ds_kdqat.quant.after_optimizer_step` (the training loop calls it once after each applied optimizer
-  step) averages ``grad_accum`` over data-parallel ranks and folds it in: ``v ← β2·v + (1−β2)·g²``, ``v₀ = 0``.
+* ``"optimizer"`` (default, TernaryBERT's choice): ``v`` IS the optimizer's second moment, Adam's
+  ``exp_avg_sq`` for this parameter, as stored (no bias correction): at ZeRO stage 0 the optimizer's state
+  tensor itself (of the fp32 master copy with fp16/bf16; no copy is made), under ZeRO 1-3 its partitioned fp32
+  state gathered into one full-shaped float32 tensor per rank (a collective; see :mod:`ds_kdqat.quant.lat`).
+  Nothing is collected in the backward, and an embedding quantizes only its looked-up rows (D's rows are looked
+  up too). Which source is used is decided at the first step: until then (and for an optimizer without such a
+  state, which falls back) the quantizer collects gradients as below;
+* ``"own"``: backward adds the gradient reaching the latent weight (the straight-through gradient, i.e. exactly
+  the parameter's gradient from this use, full-shaped even under ZeRO-3) into ``grad_accum`` (float32) over all
+  micro-batches of a step; after the step it is averaged over data-parallel ranks and folded in:
+  ``v ← β2·v + (1−β2)·g²``, ``v₀ = 0``: the recursion of Adam's ``exp_avg_sq`` (without bias correction, as
+  BertAdam's) fed with the same gradient. It differs from the optimizer's own state where the optimizer sees a
+  different gradient: gradient clipping (``v`` here is from the unclipped gradient) and fp16 dynamic loss
+  scaling (the gradient here is still scaled; LAT's α and b do not change when ``v`` is scaled by a constant,
+  apart from ``eps``, but a loss scale that changes over training mixes scales inside the average).
 
-That is the recursion of Adam's ``exp_avg_sq`` (stored without bias correction, as BertAdam's), fed with the
-same gradient. It differs from the optimizer's own state where the optimizer sees a different gradient:
-gradient clipping (``v`` here is from the unclipped gradient) and fp16 dynamic loss scaling (the gradient here
-is still scaled; LAT's α and b do not change when ``v`` is scaled by a constant, apart from ``eps``, but a loss
-scale that changes over training mixes scales inside the average). Steps skipped on overflow must not call
-:func:`after_optimizer_step`. ``v`` and ``grad_accum`` are plain attributes, not buffers: they are not in the
-HF state dict (keys stay HF's), not partitioned by ZeRO-3 (one full-size float32 copy per rank for each LAT
-weight), and not cast by ``model.half()``; :func:`ds_kdqat.quant.lat_state` saves them for checkpoints.
+Steps skipped on overflow must not call :func:`after_optimizer_step`. ``v`` and ``grad_accum`` are plain
+attributes, not buffers: they are not in the HF state dict (keys stay HF's), not partitioned by ZeRO-3 (one
+full-size float32 copy per rank for each LAT weight, except the stage-0 reference), and not cast by
+``model.half()``; :func:`ds_kdqat.quant.lat_state` saves ``v`` for checkpoints and saved students.
 """
 
 from __future__ import annotations
@@ -60,9 +68,11 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"method must be one of {sorted(weight_methods())}, got {method!r}")
         self.quantizer: QuantMethod = QUANT_METHODS[method](bits, granularity, clip, mode)
         self.lat = lat or LatConfig()
-        self.second_moment: Optional[torch.Tensor] = None  # LAT: EMA of squared gradients (float32)
-        self.grad_accum: Optional[torch.Tensor] = None  # LAT: gradient summed since the last fold (float32)
-        self.lat_folds = 0
+        self.second_moment: Optional[torch.Tensor] = None  # LAT: v, the second moment D is built from
+        self.grad_accum: Optional[torch.Tensor] = None  # LAT "own": gradient summed since the last fold (float32)
+        # LAT: where v comes from, "optimizer" or "own"; None until the first step decides ("own" when configured)
+        self.moment_source: Optional[str] = "own" if self.lat.second_moment == "own" else None
+        self.lat_folds = 0  # updates of v (folds of the own estimate, or reads of the optimizer's)
         self.version = 0  # bumped whenever the quantized value can change without the weight changing
         # True when the latent weight already holds quantized values (a loaded packed export): the forward then
         # uses it as is, because re-quantizing is only idempotent up to rounding and a one-ulp change can flip
@@ -84,13 +94,42 @@ class WeightQuantizer(nn.Module):
         """Stored code kind: ternary, binary, symmetric or minmax."""
         return self.quantizer.kind
 
+    @property
+    def collects_gradient(self) -> bool:
+        """LAT whose ``v`` is (or may become) its own estimate: the backward adds into ``grad_accum``."""
+        return self.method == "lat" and self.moment_source != "optimizer"
+
+    @property
+    def quantizes_rows(self) -> bool:
+        """Whether :meth:`forward` may be given rows of a table (``rows=``) instead of the table, for row-wise
+        granularity: rows quantized independently by the method, or LAT reading the optimizer's second moment
+        (D's rows are looked up; with its own estimate it needs the whole table's gradient)."""
+        if self.granularity != "row" or self.frozen:
+            return False
+        return self.quantizer.rows_independent or (self.method == "lat" and not self.collects_gradient)
+
     def parts(self, w: torch.Tensor) -> QuantParts:
         return self.quantizer.parts(w, self)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, w: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The fake-quantized ``w``. ``rows`` (1-D, one index per row of ``w``; only when
+        :attr:`quantizes_rows`): ``w`` holds those rows of the weight this quantizer belongs to (an embedding's
+        looked-up rows), so per-element state (LAT's ``v``) is read at those rows."""
         if self.frozen:
             return w
+        if rows is not None and self.method == "lat":
+            return self.quantizer.quantize_rows(w, self, rows)
         return self.quantizer.quantize(w, self)
+
+    @torch.no_grad()
+    def use_optimizer_moment(self, v: torch.Tensor) -> None:
+        """Take ``v`` (full-shaped, the optimizer's second moment for this weight) as the second moment: from now
+        on the source is the optimizer, and no gradient is collected."""
+        self.second_moment = v
+        self.moment_source = "optimizer"
+        self.grad_accum = None
+        self.lat_folds += 1
+        self.version += 1
 
     def _accumulator(self, w: torch.Tensor) -> torch.Tensor:
         acc = self.grad_accum
@@ -239,9 +278,9 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
 class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
     """Embedding lookup in the quantized table: ids (…) → (…, embedding_dim).
 
-    With row-wise granularity and a method whose rows are quantized independently (not LAT, which needs the whole
-    table's gradient for its second moment) only the looked-up rows are quantized; this equals quantizing the
-    table.
+    With row-wise granularity and a method whose rows are quantized independently (and LAT reading the optimizer's
+    second moment, whose rows are looked up with the weight's; not LAT with its own estimate, which needs the
+    whole table's gradient) only the looked-up rows are quantized; this equals quantizing the table.
     """
 
     @classmethod
@@ -254,11 +293,11 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         wq = self.weight_quant
-        if wq.granularity == "row" and wq.quantizer.rows_independent and not wq.frozen and self.max_norm is None:
+        if wq.quantizes_rows and self.max_norm is None:
             rows = F.embedding(ids, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq,
                                self.sparse)
             flat = rows.reshape(-1, self.embedding_dim)
-            return wq(flat).reshape(rows.shape)
+            return wq(flat, rows=ids.reshape(-1)).reshape(rows.shape)
         return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
 

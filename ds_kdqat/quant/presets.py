@@ -96,11 +96,18 @@ def ternarybert_reference() -> Preset:
 
 @preset("w8a8")
 def w8a8() -> Preset:
-    """8-8-8: 8-bit symmetric weights (layer-wise linears, row-wise word embedding), 8-bit min-max activations."""
+    """8-8-8 (TernaryBERT's 8-bit setting): 8-bit symmetric weights with one scale per matrix for the linears
+    and for the word embedding (layer-wise, "as 8-bit quantization already has high resolution": TernaryBERT
+    §4, set-up), 8-bit min-max activations.
+
+    A row-wise word embedding (one scale per token row, as the ternary presets use) stays available through
+    explicit groups, e.g. ``"groups": [{"roles": [<the six encoder linears>], "method": "uniform", "bits": 8},
+    {"roles": ["word_embedding"], "method": "uniform", "bits": 8, "granularity": "row", "act_bits": null,
+    "optional": true}]`` (explicit groups replace the preset's groups; its attention setting stays)."""
     return Preset(
         groups=[
             dict(roles=list(ENCODER_LINEARS), method="uniform", bits=8, mode="symmetric"),
-            dict(roles=list(WORD_EMBEDDING), method="uniform", bits=8, mode="symmetric", granularity="row",
+            dict(roles=list(WORD_EMBEDDING), method="uniform", bits=8, mode="symmetric", granularity="layer",
                  act_bits=None, optional=True),
         ],
         attention=dict(bits=8, mode="minmax"),

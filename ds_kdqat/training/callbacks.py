@@ -7,10 +7,13 @@ dev metric) gives it through ``state_dict`` and takes it back through ``load_sta
 writes those parts, with the loop's micro-batch counter, to ``kdqat_state.json``::
 
     {"micro": int, "window": {"sums": {term: float}, "count": int},
-     "best": float | None, "best_metrics": {metric: float}, "last_metrics": {metric: float}}
+     "best": float | None, "best_metrics": {metric: float}, "last_metrics": {metric: float},
+     "ti_convergence": {"ended": {phase: step}, "criterion": {"phase": str | None, "steps": int,
+                                                             "losses": [float]}}}   (with ti.convergence only)
 
-The engine's order: :class:`LatFold`, :class:`ProgressBar` (main rank, when asked for), :class:`LogWindow`,
-:class:`DevEvaluation`, :class:`StopOnSignal`, :class:`Checkpoint`.
+The engine's order: :class:`LatFold`, :class:`EarlyPhaseEnd` (with ``ti.convergence``), :class:`ProgressBar`
+(main rank, when asked for), :class:`LogWindow`, :class:`DevEvaluation`, :class:`StopOnSignal`,
+:class:`Checkpoint`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..distill.schedule import PlateauCriterion, is_ti_phase
 from ..quant import after_optimizer_step, lat_state, load_lat_state
+from ..quant.lat import prepare_lat
 from . import checkpoint
 
 
@@ -78,14 +83,20 @@ class Callback:
 
 
 class LatFold(Callback):
-    """After each applied optimizer step, update the LAT quantizers' second moments (no-op without LAT)."""
+    """After each applied optimizer step, update the LAT quantizers' second moments from the engine's optimizer
+    (``kdqat.quant.lat.second_moment: "optimizer"``, read under ZeRO 1-3 by a collective) or their own estimates
+    (no-op without LAT; see :mod:`ds_kdqat.quant.lat`). Before the loop, with an optimizer state restored from
+    a checkpoint, it settles where each quantizer's second moment comes from."""
 
     def __init__(self, engine):
         self.engine = engine
 
+    def on_train_begin(self, state: LoopState) -> None:
+        prepare_lat(self.engine.module, self.engine.optimizer)
+
     def on_step_end(self, state: LoopState) -> None:
         if self.engine.was_step_applied():
-            after_optimizer_step(self.engine.module)
+            after_optimizer_step(self.engine.module, optimizer=self.engine.optimizer)
 
 
 class ProgressBar(Callback):
@@ -101,6 +112,8 @@ class ProgressBar(Callback):
         self.bar = tqdm(total=state.total_steps, initial=state.step, desc=self.desc, dynamic_ncols=True)
 
     def on_step_end(self, state: LoopState) -> None:
+        if self.bar.total != state.total_steps:  # a TI phase ended early and the run got shorter
+            self.bar.total = state.total_steps
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{state.terms['total']:.4f}", phase=state.phase.name)
 
@@ -163,6 +176,46 @@ class LogWindow(Callback):
     def load_state_dict(self, saved: dict) -> None:
         window = saved.get("window", {"sums": {}, "count": 0})
         self.sums, self.count = dict(window["sums"]), window["count"]
+
+
+class EarlyPhaseEnd(Callback):
+    """Ends a Teacher-Intervention phase early when its loss plateaus (``kdqat.distill.ti.convergence``).
+
+    Each TI step's loss is the mean ``total`` over its micro batches and over ranks (a collective at the end of
+    each TI step, so every rank feeds the same number to the same :class:`~ds_kdqat.distill.schedule.PlateauCriterion`).
+    When the criterion fires before the phase's end, ``phases`` (a :class:`~ds_kdqat.distill.phases.KdPhases`)
+    ends the phase at this step and ``on_replan(state)`` lets the engine follow the new plan (total steps and
+    learning-rate segments). Where phases ended and the criterion's window are checkpointed.
+    """
+
+    def __init__(self, phases, world_size: int, on_replan: Callable[[LoopState], None]):
+        self.phases, self.world_size, self.on_replan = phases, world_size, on_replan
+        self.criterion = PlateauCriterion(phases.convergence)
+        self.sum, self.count = 0.0, 0
+
+    def on_micro_end(self, state: LoopState) -> None:
+        if is_ti_phase(state.phase.name):
+            self.sum += state.terms["total"]
+            self.count += 1
+
+    def on_step_end(self, state: LoopState) -> None:
+        phase = state.phase
+        if not is_ti_phase(phase.name):
+            return
+        loss = mean_over_ranks({"total": self.sum / max(self.count, 1)}, self.world_size)["total"]
+        self.sum, self.count = 0.0, 0
+        if self.criterion.update(phase.name, loss) and state.step < phase.end:
+            self.phases.end_early(phase.name, state.step)
+            self.on_replan(state)
+
+    def state_dict(self) -> dict:
+        return {"ti_convergence": {**self.phases.state_dict(), "criterion": self.criterion.state_dict()}}
+
+    def load_state_dict(self, saved: dict) -> None:
+        part = saved.get("ti_convergence")
+        if part is not None:
+            self.phases.load_state_dict(part)
+            self.criterion.load_state_dict(part["criterion"])
 
 
 class DevEvaluation(Callback):

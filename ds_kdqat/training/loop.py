@@ -34,15 +34,15 @@ def run_loop(batches: Iterator[Any], step: Callable[[Any, Phase], dict[str, floa
     ``step(batch, phase)`` returns the micro batch's logged terms (floats), ``phase`` being the one of
     ``phases`` (in step order) that holds the current optimizer step; every ``accumulation`` micro batches
     make one optimizer step. ``state`` (resumed or fresh) is updated in place: ``phase``, ``terms``,
-    ``micro`` and, at step ends, ``step``. Callbacks are called in order: ``on_micro_end`` after each micro batch,
+    ``micro`` and, at step ends, ``step``. ``phases`` and ``state.total_steps`` are read afresh at every micro
+    batch, so a callback may change the plan (a Teacher-Intervention phase that ends early). Callbacks are called in order: ``on_micro_end`` after each micro batch,
     ``on_step_end`` after each optimizer step, ``on_train_begin``/``on_train_end`` around the loop (the
     latter however it ends).
     """
-    total_micro = state.total_steps * accumulation
     try:
         for callback in callbacks:
             callback.on_train_begin(state)
-        while state.micro < total_micro and not state.stopping:
+        while state.micro < state.total_steps * accumulation and not state.stopping:
             state.phase = phase_at(phases, state.step)
             state.terms = step(next(batches), state.phase)
             state.micro += 1

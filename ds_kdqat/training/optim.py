@@ -4,6 +4,14 @@ BertAdam is Adam as in the BERT / TernaryBERT code: no bias correction, weight d
 gradient (added to the update), ``eps`` outside the square root:
 
     m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;  w ← w − lr·(m / (√v + eps) + wd·w)
+
+Its ``v`` (state key ``exp_avg_sq``) is what loss-aware ternarization weights with by default
+(``kdqat.quant.lat.second_moment``). The reference BertAdam (``pytorch_pretrained_bert`` 0.6.2, which TernaryBERT
+uses with its default ``max_grad_norm=1.0``) also clips each parameter's gradient to norm ``max_grad_norm``
+on its own before the update (``clip_grad_norm_(p, max_grad_norm)``, per parameter, not global); here that is
+``max_grad_norm`` (``kdqat.train/finetune.bertadam_max_grad_norm``), off (0) by default because ds-kdqat clips
+through DeepSpeed's global ``gradient_clipping`` instead. ``bertadam_max_grad_norm: 1.0`` with
+``gradient_clipping: 0`` is the reference's update.
 """
 
 from __future__ import annotations
@@ -18,12 +26,23 @@ NO_DECAY_MARKERS = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.
 
 
 class BertAdam(torch.optim.Optimizer):
-    """Adam without bias correction and with decoupled weight decay (see the module docstring)."""
+    """Adam without bias correction and with decoupled weight decay (see the module docstring).
 
-    def __init__(self, params, lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+    ``max_grad_norm`` > 0: first scale each parameter's gradient, in place, to L2 norm at most ``max_grad_norm``
+    (``g ← g·min(1, max_grad_norm / (‖g‖ + 1e-6))``, ``torch.nn.utils.clip_grad_norm_`` on that parameter alone,
+    as the reference BertAdam). The optimizer must then see whole parameters: at ZeRO stage 0 it does (also
+    with fp16/bf16, through DeepSpeed's per-parameter fp32 master copies), under ZeRO 1-3 it sees flat
+    partitions instead (the config refuses that combination).
+    """
+
+    def __init__(self, params, lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 max_grad_norm: float = 0.0):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {max_grad_norm!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      max_grad_norm=max_grad_norm))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -34,6 +53,11 @@ class BertAdam(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 grad = param.grad
+                max_norm = group.get("max_grad_norm", 0.0)
+                if max_norm > 0:
+                    # clip_grad_norm_(param, max_norm): coefficient max/(norm + 1e-6), capped at 1, in place
+                    grad.mul_((max_norm / (torch.linalg.vector_norm(grad, dtype=torch.float32) + 1e-6))
+                              .clamp_(max=1.0).to(grad.dtype))
                 state = self.state[param]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
@@ -63,11 +87,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(name: str, groups: Iterable[dict], lr: float, betas, eps: float) -> torch.optim.Optimizer:
-    """``bertadam`` | ``adamw`` | ``adafactor`` over ``groups`` (each carrying its weight decay)."""
+def build_optimizer(name: str, groups: Iterable[dict], lr: float, betas, eps: float,
+                    bertadam_max_grad_norm: float = 0.0) -> torch.optim.Optimizer:
+    """``bertadam`` | ``adamw`` | ``adafactor`` over ``groups`` (each carrying its weight decay);
+    ``bertadam_max_grad_norm``: BertAdam's per-parameter clipping (must be 0 for the others)."""
     groups = list(groups)
+    if bertadam_max_grad_norm and name != "bertadam":
+        raise ValueError(f"per-parameter gradient clipping is BertAdam's; got {bertadam_max_grad_norm} for {name}")
     if name == "bertadam":
-        return BertAdam(groups, lr=lr, betas=betas, eps=eps)
+        return BertAdam(groups, lr=lr, betas=betas, eps=eps, max_grad_norm=bertadam_max_grad_norm)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     if name == "adafactor":
