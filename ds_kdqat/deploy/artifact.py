@@ -17,6 +17,7 @@ reader sees the old export or the whole new one.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -86,7 +87,7 @@ def export_student(model: nn.Module, out_dir: Union[str, os.PathLike], *, task: 
     os.makedirs(tmp)
     try:
         module = getattr(model, "module", model)
-        config = module.config
+        config = copy.deepcopy(module.config)  # the caller's model keeps its own
         config.architectures = [type(module).__name__]
         if task["labels"]:
             config.id2label = dict(enumerate(task["labels"]))
