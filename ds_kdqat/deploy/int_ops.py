@@ -91,27 +91,46 @@ def weight_int_form(kind: str, bits: int, codes: torch.Tensor, scale: torch.Tens
 # activations: per-tensor statistics of the current batch (uniform) or a learned step (LSQ)
 
 
-def _uniform_activation(x: torch.Tensor, bits: int, mode: str, clip: Optional[float]) -> IntTensor:
-    """The codes of :func:`ds_kdqat.quant.functional.uniform_parts` (tensor granularity), as int8."""
+def uniform_codes(x: torch.Tensor, bits: int, mode: str, clip: Optional[float],
+                  zero_point: int = 0) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The codes of :func:`ds_kdqat.quant.functional.uniform_parts` (tensor granularity) with its float operations
+    in its order, as integer-valued floats ``Q + zero_point`` (``Q`` signed: min-max codes moved by ``−2^(b−1)``),
+    and ``(scale, shift)`` with ``x̂ = scale·Q + shift`` (``shift`` None for symmetric)."""
     if clip is not None:
         x = x.clamp(-clip, clip)
     info = torch.finfo(x.dtype)
     if mode == "symmetric":
         qmax = 2 ** (bits - 1) - 1
         scale = (qmax / x.abs().amax().clamp_min(info.tiny)).clamp_max(info.max)
-        return IntTensor(torch.mul(x, scale).round_().to(torch.int8), 1.0 / scale)
+        codes = torch.mul(x, scale).round_()
+        return (codes.add_(zero_point) if zero_point else codes), 1.0 / scale, None
     lo, hi = torch.aminmax(x)
     step = ((hi - lo) / (2 ** bits - 1)).clamp_min(info.tiny)
     half = 2 ** (bits - 1)
-    codes = torch.sub(x, lo).div_(step).round_().sub_(half).to(torch.int8)
-    return IntTensor(codes, step, lo + half * step)
+    codes = torch.sub(x, lo).div_(step).round_()  # c ∈ [0, 2^b − 1]; Q = c − 2^(b−1)
+    if zero_point != half:
+        codes.add_(zero_point - half)
+    return codes, step, lo + half * step
+
+
+def lsq_codes(x: torch.Tensor, bits: int, step: torch.Tensor,
+              zero_point: int = 0) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """The codes of :func:`ds_kdqat.quant.functional.lsq_parts`, ``round(clamp(x/s, −Q_N, Q_P))``, as
+    integer-valued floats ``Q + zero_point``, and ``(s, None)``: ``x̂ = s·Q``."""
+    q_n, q_p = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    step = step.reshape(())
+    codes = torch.div(x, step).clamp_(-q_n, q_p).round_()
+    return (codes.add_(zero_point) if zero_point else codes), step, None
+
+
+def _uniform_activation(x: torch.Tensor, bits: int, mode: str, clip: Optional[float]) -> IntTensor:
+    codes, scale, shift = uniform_codes(x, bits, mode, clip)
+    return IntTensor(codes.to(torch.int8), scale, shift)
 
 
 def _lsq_activation(x: torch.Tensor, bits: int, step: torch.Tensor) -> IntTensor:
-    """The codes of :func:`ds_kdqat.quant.functional.lsq_parts`: ``round(clamp(x/s, −Q_N, Q_P))``."""
-    q_n, q_p = 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    step = step.reshape(())
-    return IntTensor(torch.div(x, step).clamp_(-q_n, q_p).round_().to(torch.int8), step)
+    codes, scale, _ = lsq_codes(x, bits, step)
+    return IntTensor(codes.to(torch.int8), scale)
 
 
 ACTIVATION_ENCODERS: dict[str, Callable[..., IntTensor]] = {"uniform": _uniform_activation, "lsq": _lsq_activation}

@@ -7,9 +7,8 @@ writes ``<folder>/model.onnx``, then adds it to the manifest (``files`` and an `
 Each :class:`~ds_kdqat.deploy.int_modules.IntLinear` becomes (:class:`OnnxIntLinear`), for its input ``x``
 (M tokens, K):
 
-* the activation encoding with the float operations of :func:`ds_kdqat.deploy.int_ops._uniform_activation` /
-  ``_lsq_activation`` in their order, so the codes are the int8 backend's ``Q_x``: min-max
-  ``ReduceMin, ReduceMax → Sub → Div → Round``, symmetric
+* the activation encoding of :func:`ds_kdqat.deploy.int_ops.uniform_codes` / ``lsq_codes`` (the int8
+  backend's own function, so the codes are its ``Q_x``): min-max ``ReduceMin, ReduceMax → Sub → Div → Round``, symmetric
   ``Abs → ReduceMax → Clip → Div → Clip → Mul → Round``, LSQ ``Div → Clip → Round`` (``Clip`` first when
   the quantizer clips); the integer-valued result is then cast once to uint8 as ``Q_x + 128``
   (:data:`ACTIVATION_ZERO_POINT`). Q, K and V share their input and encode it once;
@@ -54,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_kdqat.deploy.int_modules import IntLinear, replace_module
-from ds_kdqat.deploy.int_ops import IntTensor, has_int8_gemm, int8_matmul
+from ds_kdqat.deploy.int_ops import IntTensor, has_int8_gemm, int8_matmul, lsq_codes, uniform_codes
 from ds_kdqat.deploy.onnx_backend import ONNX_FILE, import_deploy_package
 from ds_kdqat.errors import ConfigError
 from ds_kdqat.fileio import atomic_write_text, atomic_write_via, sha256_file
@@ -102,32 +101,16 @@ class ShiftedCodes:
 
 
 def _uniform_codes(x: torch.Tensor, bits: int, mode: str, clip: Optional[float]) -> ShiftedCodes:
-    """:func:`ds_kdqat.deploy.int_ops._uniform_activation` with its float ops in its order up to the rounding;
-    the integer-valued result then moves to ``Q + 128`` in float (exact) and is cast once to uint8, instead of
-    ``int8`` then ``+ 128`` (two passes fewer over the activation)."""
-    if clip is not None:
-        x = x.clamp(-clip, clip)
-    info = torch.finfo(x.dtype)
-    if mode == "symmetric":
-        qmax = 2 ** (bits - 1) - 1
-        scale = (qmax / x.abs().amax().clamp_min(info.tiny)).clamp_max(info.max)
-        codes = torch.mul(x, scale).round() + ACTIVATION_ZERO_POINT
-        return ShiftedCodes(codes.to(torch.uint8), 1.0 / scale)
-    lo, hi = torch.aminmax(x)
-    step = ((hi - lo) / (2 ** bits - 1)).clamp_min(info.tiny)
-    half = 2 ** (bits - 1)
-    codes = torch.sub(x, lo).div(step).round()  # c ∈ [0, 2^b − 1]; Q = c − 2^(b−1)
-    if half != ACTIVATION_ZERO_POINT:
-        codes = codes + (ACTIVATION_ZERO_POINT - half)
-    return ShiftedCodes(codes.to(torch.uint8), step, lo + half * step)
+    """:func:`ds_kdqat.deploy.int_ops.uniform_codes` with the zero point 128 added in float (exact) and one cast
+    to uint8, instead of ``int8`` then ``+ 128`` (two passes fewer over the activation)."""
+    codes, scale, shift = uniform_codes(x, bits, mode, clip, ACTIVATION_ZERO_POINT)
+    return ShiftedCodes(codes.to(torch.uint8), scale, shift)
 
 
 def _lsq_codes(x: torch.Tensor, bits: int, step: torch.Tensor) -> ShiftedCodes:
-    """:func:`ds_kdqat.deploy.int_ops._lsq_activation` (``round(clamp(x/s, −Q_N, Q_P))``), shifted to uint8."""
-    q_n, q_p = 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    step = step.reshape(())
-    codes = torch.div(x, step).clamp(-q_n, q_p).round() + ACTIVATION_ZERO_POINT
-    return ShiftedCodes(codes.to(torch.uint8), step)
+    """:func:`ds_kdqat.deploy.int_ops.lsq_codes`, shifted to uint8."""
+    codes, scale, _ = lsq_codes(x, bits, step, ACTIVATION_ZERO_POINT)
+    return ShiftedCodes(codes.to(torch.uint8), scale)
 
 
 SHIFTED_ENCODERS = {"uniform": _uniform_codes, "lsq": _lsq_codes}
