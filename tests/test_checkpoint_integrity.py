@@ -20,25 +20,12 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 @pytest.fixture(scope="module")
 def deepspeed_module():
     """DeepSpeed with a one-rank gloo group for this module; the group and environment are undone after."""
-    keys = ("DS_ACCELERATOR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
-        os.environ.pop(key, None)  # a single rank on a free port (fill_single_rank_env)
-    from ds_kdqat.training.distributed import init_distributed
+    from tests.tiny import one_rank_group
 
-    init_distributed()
-    import deepspeed
+    with one_rank_group():
+        import deepspeed
 
-    yield deepspeed
-    from tests.tiny import destroy_process_groups
-
-    destroy_process_groups()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        yield deepspeed
 
 
 @pytest.fixture

@@ -539,27 +539,12 @@ def test_a_ti_phase_ends_on_plateau_and_a_resumed_loop_continues_identically(unu
 
 @pytest.fixture(scope="module")
 def one_rank():
-    """A one-rank gloo group for this module (as tests/test_checkpoint_integrity.py); undone after."""
-    keys = ("DS_ACCELERATOR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE")
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
-                      TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                          str(REPO / ".cache" / "torch_extensions")))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    from ds_kdqat.training.distributed import init_distributed
+    """A one-rank gloo group for this module; undone after."""
+    from tests.tiny import one_rank_group
 
-    init_distributed()
-    yield
-    from tests.tiny import destroy_process_groups
-
-    destroy_process_groups()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with one_rank_group(HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))):
+        yield
 
 
 def _kd_stage(config_path: Path):

@@ -3,6 +3,7 @@ tokenizer, a learnable SST-2-layout task in tmp folders, and ds_config files for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -128,3 +129,26 @@ def destroy_process_groups() -> None:
         deepspeed.comm.destroy_process_group()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def one_rank_group(**env: str):
+    """A one-rank gloo process group in this process (a free port, DeepSpeed's CPU accelerator, plus ``env``)
+    for the block; afterwards the group, DeepSpeed's references to it and the environment are undone."""
+    keys = ("DS_ACCELERATOR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", *env)
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(DS_ACCELERATOR="cpu", **env)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        os.environ.pop(key, None)  # a single rank on a free port (fill_single_rank_env)
+    from ds_kdqat.training.distributed import init_distributed
+
+    init_distributed()
+    try:
+        yield
+    finally:
+        destroy_process_groups()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
