@@ -487,7 +487,9 @@ def _train_evaluate_export(ctx: JobContext, started: float) -> dict:
 
     teacher_metrics = {name: engine.evaluate(split, engine.teacher) for name, split in ctx.data.dev.items()}
     best_student = load_student(os.path.join(ctx.out, "student"), ctx.spec).to(engine.engine.device)
-    student_metrics = {name: engine.evaluate(split, best_student) for name, split in ctx.data.dev.items()}
+    student_predictions = {name: engine.predict(split, best_student) for name, split in ctx.data.dev.items()}
+    student_metrics = {name: engine.score(ctx.data.dev[name], predictions)
+                       for name, predictions in student_predictions.items()}
     results = {
         "task": ctx.spec.name,
         "primary_metric": ctx.spec.primary_metric,
@@ -511,7 +513,7 @@ def _train_evaluate_export(ctx: JobContext, started: float) -> dict:
         results["size"] = {"wea": size.wea, "packed_mb": size.packed_bytes / 2**20,
                            "fp32_mb": size.fp32_bytes / 2**20, "ratio": size.ratio,
                            "floor_ratio": size.floor_ratio}
-        results["student_int8"] = _evaluate_integer_backend(engine, ctx, packed, best_student)
+        results["student_int8"] = _evaluate_integer_backend(engine, ctx, packed, student_predictions[ctx.dev_name])
         atomic_write_json(os.path.join(ctx.out, "results.json"), results)
         print(format_results(results))
     _barrier()
@@ -524,15 +526,16 @@ def _task_description(ctx: JobContext, model) -> dict:
                             adapter.input_kind, adapter.token_type_ids)
 
 
-def _evaluate_integer_backend(engine: TeacherStudentEngine, ctx: JobContext, packed: str, student) -> dict:
+def _evaluate_integer_backend(engine: TeacherStudentEngine, ctx: JobContext, packed: str,
+                              fake: list) -> dict:
     """The exported student run by the int8 backend (:mod:`ds_kdqat.deploy`) on the dev split (rank 0 only):
-    its metrics and, for classifiers, how often its class agrees with the fake-quant student's."""
+    its metrics and, for classifiers, how often its class agrees with ``fake``, the fake-quant student's
+    predictions of the same batches."""
     model = load_exported(packed, "int8")
     split = ctx.data.dev[ctx.dev_name]
     ours = engine.predict(split, model, local=True)
     metrics = engine.score(split, ours)
     if not (ctx.spec.is_qa or ctx.spec.is_regression):
-        fake = engine.predict(split, student, local=True)
         metrics["agreement_with_fakequant"] = sum(a == b for a, b in zip(ours, fake)) / max(len(ours), 1)
     return metrics
 
