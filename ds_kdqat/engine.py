@@ -46,7 +46,7 @@ from .distill.step import kd_forward, model_inputs
 from .errors import ConfigError
 from .models.taps import output_logits
 from .training.callbacks import (Checkpoint, DevEvaluation, EarlyPhaseEnd, LatFold, LogWindow, LoopState,
-                                 ProgressBar, StopOnSignal, StopTraining)
+                                 ProgressBar, QuantizedWeightsPerStep, StopOnSignal, StopTraining)
 from .training.distributed import DistInfo
 from .training.loop import ordered_micro_batches, run_loop
 from .training.logger import RunLog
@@ -289,8 +289,8 @@ class TeacherStudentEngine:
         # Rows of this stage past the restored step (all of them on a fresh start) are logged again.
         self.log.truncate((self.stage,), micro // accumulation)
         progress = [ProgressBar(self.stage)] if info.is_main and logging.progress else []
-        callbacks = [LatFold(self.engine), *([early_end] if early_end else []), *progress, window, dev,
-                     StopOnSignal(), saver]
+        callbacks = [QuantizedWeightsPerStep(self.engine.module), LatFold(self.engine),
+                     *([early_end] if early_end else []), *progress, window, dev, StopOnSignal(), saver]
         ids = ordered_micro_batches(len(train_set), run.micro_batch_size, info.rank, info.world_size,
                                     run.kdqat.seed, micro)
         batches = (train_set.collate_fn([train_set[i] for i in chunk]) for chunk in ids)

@@ -14,7 +14,6 @@ these matmuls are about 3 % of BERT-base's multiply-adds at sequence length 128)
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,7 +23,14 @@ from torch import nn
 
 from ds_kdqat.deploy.int_ops import ACTIVATION_ENCODERS, INT8_MAX_BITS, IntTensor, int_linear, weight_int_form
 from ds_kdqat.quant.methods import QUANT_METHODS
-from ds_kdqat.quant.modules import QUANT_MODULE_TYPES, ActQuantizer, QuantEmbedding, QuantLinear, version_key
+from ds_kdqat.quant.modules import (
+    QUANT_MODULE_TYPES,
+    ActQuantizer,
+    InputMemo,
+    QuantEmbedding,
+    QuantLinear,
+    version_key,
+)
 
 
 def integer_activation_supported(quantizer: ActQuantizer) -> Optional[str]:
@@ -79,10 +85,12 @@ class IntLinear(nn.Module):
         if not quantizer.shared:
             return encode_activation(quantizer, x.reshape(-1, self.in_features))
         memo = quantizer.__dict__.get("_kdqat_int_memo")
-        if memo is not None and memo[0]() is x and memo[1] == version_key(x):
-            return memo[2]
-        encoded = encode_activation(quantizer, x.reshape(-1, self.in_features))
-        quantizer.__dict__["_kdqat_int_memo"] = (weakref.ref(x), version_key(x), encoded)
+        if memo is None:
+            memo = quantizer.__dict__["_kdqat_int_memo"] = InputMemo()
+        encoded = memo.get(x, version_key(x))
+        if encoded is None:
+            encoded = encode_activation(quantizer, x.reshape(-1, self.in_features))
+            memo.put(x, version_key(x), encoded)
         return encoded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ intervention live in one place for BERT, RoBERTa, ELECTRA, ViT and anything else
 1. activation quantization (set by :mod:`ds_kdqat.quant`): ``module.kdqat_act_quant`` is an optional
    ``nn.ModuleDict`` with any of the keys ``query``, ``key``, ``value``, ``map``; each maps a tensor to its
    fake-quantized copy and is applied right before the matmul that consumes it
-   (``query``/``key`` before Q·Kᵀ, ``map``/``value`` before map·V);
+   (``query``/``key`` before Q·Kᵀ, ``map``/``value`` before map·V); one that also has ``with_codes`` (an
+   :class:`~ds_kdqat.quant.modules.ActQuantizer`) gives the integer codes too, and the matmul's backward
+   keeps those codes instead of the float tensor (:mod:`ds_kdqat.quant.codes`);
 2. taps: while a :class:`TapSession` is active (see :func:`active_session`), the function reports
    ``attention_score`` (scaled, plus any ``position_bias``, masked, pre-softmax), ``attention_map`` (softmax,
    pre-dropout) and ``context`` (map·V per head), each of shape ``(batch, heads, query, key|head_dim)``;
@@ -25,13 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .families import attention_class_names
+
+if TYPE_CHECKING:
+    from ds_kdqat.quant.codes import Codes
 
 KDQAT_ATTENTION = "kdqat"
 
@@ -64,11 +69,17 @@ def current_session() -> Optional[TapSession]:
     return _ACTIVE.get()
 
 
-def _maybe_quantize(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _maybe_quantize(module: nn.Module, name: str, tensor: torch.Tensor,
+                    layout: str) -> tuple[torch.Tensor, Optional["Codes"]]:
+    """The module's ``name`` quantizer applied to ``tensor`` (or ``tensor`` itself), and the codes autograd may
+    save in its place (None without quantizer, or when no graph is recorded)."""
     quantizers = getattr(module, "kdqat_act_quant", None)
-    if quantizers is not None and name in quantizers:
-        return quantizers[name](tensor)
-    return tensor
+    if quantizers is None or name not in quantizers:
+        return tensor, None
+    quantizer = quantizers[name]
+    if not (torch.is_grad_enabled() and tensor.requires_grad and hasattr(quantizer, "with_codes")):
+        return quantizer(tensor), None
+    return quantizer.with_codes(tensor, layout)
 
 
 def kdqat_attention_forward(
@@ -91,14 +102,20 @@ def kdqat_attention_forward(
 
     score = (q̂ · k̂ᵀ)·scaling + position_bias + mask;  map = softmax(score);  context = dropout(m̂ap) · v̂
     """
+    from ds_kdqat.quant.codes import dropout_with_codes, saved_as_codes  # the quant package imports this module
+
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     session = _ACTIVE.get()
     layer = getattr(module, "kdqat_layer_index", -1)
 
-    query = _maybe_quantize(module, "query", query)
-    key = _maybe_quantize(module, "key", key)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    # q̂ contiguous and k̂ stored as k̂ᵀ: the layouts the batched matmul works on, so that it saves views of them,
+    # which autograd keeps as their 8-bit codes
+    query, query_codes = _maybe_quantize(module, "query", query, "contiguous")
+    key, key_codes = _maybe_quantize(module, "key", key, "transposed")
+    with saved_as_codes((query, query_codes), (key, key_codes)):
+        scores = torch.matmul(query, key.transpose(2, 3))
+    scores = scores * scaling
     if position_bias is not None:  # added before the mask, in HF's T5 eager order
         scores = scores + position_bias
     if attention_mask is not None:
@@ -112,11 +129,16 @@ def kdqat_attention_forward(
         teacher_map = None
 
     if teacher_map is not None:
-        mixing_map = teacher_map.detach().to(attention_map.dtype)
+        mixing_map, map_codes = teacher_map.detach().to(attention_map.dtype), None
     else:
-        mixing_map = _maybe_quantize(module, "map", attention_map)
-    mixing_map = F.dropout(mixing_map, p=dropout, training=module.training)
-    context = torch.matmul(mixing_map, _maybe_quantize(module, "value", value))
+        mixing_map, map_codes = _maybe_quantize(module, "map", attention_map, "contiguous")
+    if map_codes is not None and module.training and dropout > 0:  # the dropped map saved as codes × mask
+        mixing_map, map_codes = dropout_with_codes(mixing_map, map_codes, dropout)
+    else:
+        mixing_map = F.dropout(mixing_map, p=dropout, training=module.training)
+    value, value_codes = _maybe_quantize(module, "value", value, "contiguous")
+    with saved_as_codes((mixing_map, map_codes), (value, value_codes)):
+        context = torch.matmul(mixing_map, value)
 
     if session is not None:
         session.record(layer, "context", context)

@@ -33,6 +33,8 @@ from typing import Literal, Optional
 
 import torch
 
+from ds_kdqat.quant.codes import HALF_DTYPES, Codes, code_dtype
+
 Granularity = Literal["layer", "row"]
 UniformGranularity = Literal["tensor", "row"]
 UniformMode = Literal["minmax", "symmetric"]
@@ -199,9 +201,13 @@ def _ternary_alpha(abs_w: torch.Tensor, support: torch.Tensor, dims, weight: Opt
 
 
 def _twn_core(w: torch.Tensor, granularity: str, clip: Optional[float]):
-    """Clamped ``w``, the support ``|w| > Δ`` (bool) and α (``()`` or ``(rows, 1, …)``)."""
+    """Clamped ``w``, the support ``|w| > Δ`` (bool) and α (``()`` or ``(rows, 1, …)``). An fp16/bf16 ``w`` is
+    worked on in float32 (the quantizer's statistics are kept in fp32): the clamped ``w`` and α come back in
+    float32, and the caller rounds its result to the weight's dtype once."""
     _check(granularity, GRANULARITIES, "granularity")
     w = _clip(w.detach(), clip)
+    if w.dtype in HALF_DTYPES:
+        w = w.float()
     dims = _reduce_dims(w, granularity)
     abs_w = w.abs()
     support = abs_w > TWN_THRESHOLD_FACTOR * _mean(abs_w, dims)
@@ -218,16 +224,31 @@ def twn_parts(w: torch.Tensor, granularity: Granularity = "layer", clip: Optiona
     ``w`` is clamped to ``±clip`` first (when set) and every statistic uses the clamped values. A value equal to
     Δ maps to 0 (the threshold is strict).
     """
-    w, support, alpha = _twn_core(w, granularity, clip)
-    return QuantParts("ternary", torch.sign(w) * support, alpha, bits=2)
+    wc, support, alpha = _twn_core(w, granularity, clip)
+    return QuantParts("ternary", (torch.sign(wc) * support).to(w.dtype), alpha.to(w.dtype), bits=2)
 
 
 @torch.no_grad()
 def _fake_twn(w: torch.Tensor, granularity: str, clip: Optional[float]) -> torch.Tensor:
     """``dequantize_parts(twn_parts(...))`` in fewer passes: ``copysign(α, w)·[|w| > Δ]`` equals ``α·b``
     bit for bit (signed zeros included)."""
-    w, support, alpha = _twn_core(w, granularity, clip)
-    return torch.copysign(alpha, w).mul_(support)
+    wc, support, alpha = _twn_core(w, granularity, clip)
+    return torch.copysign(alpha, wc).mul_(support).to(w.dtype)
+
+
+def _ternary_codes(x_hat: torch.Tensor, alpha: torch.Tensor) -> Codes:
+    """The codes of a ternary (or binary) ``x̂ = α·b``: ``b = sign(x̂)`` as int8 (α ≥ 0), so that
+    ``Codes.values()`` gives ``α·b`` again (±α and 0)."""
+    return Codes(torch.sign(x_hat).to(torch.int8), alpha, dtype=x_hat.dtype)
+
+
+@torch.no_grad()
+def twn_with_codes(w: torch.Tensor, granularity: Granularity = "layer",
+                   clip: Optional[float] = None) -> tuple[torch.Tensor, Codes]:
+    """:func:`_fake_twn`'s tensor (no autograd) and its int8 codes."""
+    wc, support, alpha = _twn_core(w, granularity, clip)
+    x_hat = torch.copysign(alpha, wc).mul_(support).to(w.dtype)
+    return x_hat, _ternary_codes(x_hat, alpha)
 
 
 class _Workspace(threading.local):
@@ -375,10 +396,8 @@ def lat_parts(
     """
     if second_moment is None:
         return twn_parts(w, granularity, clip)
-    _check(granularity, GRANULARITIES, "granularity")
-    _check_lat_args(w, second_moment, iters, rows)
-    wc, mask, alpha = _lat_solve(w, second_moment, granularity, clip, iters, eps, rows)
-    return QuantParts("ternary", torch.sign(wc).mul_(mask), alpha, bits=2)
+    wc, mask, alpha = _lat_solution(w, second_moment, granularity, clip, iters, eps, rows)
+    return QuantParts("ternary", torch.sign(wc).mul_(mask).to(w.dtype), alpha, bits=2)
 
 
 @torch.no_grad()
@@ -395,10 +414,36 @@ def _fake_lat(
     (signed zeros included), as in :func:`_fake_twn`."""
     if second_moment is None:
         return _fake_twn(w, granularity, clip)
+    wc, mask, alpha = _lat_solution(w, second_moment, granularity, clip, iters, eps, rows)
+    return torch.copysign(alpha, wc).mul_(mask).to(w.dtype)
+
+
+def _lat_solution(w, second_moment, granularity, clip, iters, eps, rows):
+    """:func:`_lat_solve` after the argument checks; an fp16/bf16 ``w`` is solved in float32 (LAT's statistics
+    are kept in fp32), α rounded to ``w``'s dtype."""
     _check(granularity, GRANULARITIES, "granularity")
     _check_lat_args(w, second_moment, iters, rows)
-    wc, mask, alpha = _lat_solve(w, second_moment, granularity, clip, iters, eps, rows)
-    return torch.copysign(alpha, wc).mul_(mask)
+    solve_on = w.float() if w.dtype in HALF_DTYPES else w
+    wc, mask, alpha = _lat_solve(solve_on, second_moment, granularity, clip, iters, eps, rows)
+    return wc, mask, alpha.to(w.dtype)
+
+
+@torch.no_grad()
+def lat_with_codes(
+    w: torch.Tensor,
+    second_moment: Optional[torch.Tensor],
+    granularity: Granularity = "layer",
+    clip: Optional[float] = None,
+    iters: int = 10,
+    eps: float = 1e-6,
+    rows: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Codes]:
+    """:func:`_fake_lat`'s tensor (no autograd) and its int8 codes."""
+    if second_moment is None:
+        return twn_with_codes(w, granularity, clip)
+    wc, mask, alpha = _lat_solution(w, second_moment, granularity, clip, iters, eps, rows)
+    x_hat = torch.copysign(alpha, wc).mul_(mask).to(w.dtype)
+    return x_hat, _ternary_codes(x_hat, alpha)
 
 
 @torch.no_grad()
@@ -410,6 +455,51 @@ def binary_parts(w: torch.Tensor, granularity: Granularity = "layer", clip: Opti
     alpha = _mean(w.abs(), dims)
     codes = torch.where(w < 0, -torch.ones_like(w), torch.ones_like(w))
     return QuantParts("binary", codes, alpha, bits=1)
+
+
+def _uniform_rounded(x: torch.Tensor, bits: int, mode: str, granularity: str, clip: Optional[float],
+                     layout: Optional[str] = None):
+    """The rounded codes of uniform quantization as a float tensor, with the scale and offset:
+    ``(round(x·s), s, None)`` (symmetric) or ``(round((x − min)/s), s, min)`` (min-max), no autograd.
+
+    Statistics and arithmetic are float32 for an fp16/bf16 ``x`` (an 8-bit code needs more mantissa than bf16
+    has), else in ``x``'s dtype. ``layout``: the codes' memory layout, None for ``x``'s, ``"contiguous"``, or
+    ``"transposed"`` (contiguous with the last two dims swapped, i.e. ``codes.transpose(-1, -2)`` is
+    contiguous, as a matmul's right operand ``k̂ᵀ`` is).
+    """
+    _check_uniform_args(bits, mode, granularity)
+    x = _clip(x.detach(), clip)
+    if x.dtype in HALF_DTYPES:
+        x = x.float()
+    dims = _reduce_dims(x, granularity)
+    info = torch.finfo(x.dtype)
+    out = _empty_in_layout(x, layout)
+    if mode == "symmetric":
+        qmax = 2 ** (bits - 1) - 1
+        # capping the scale keeps it finite when max|x| is 0 (or tiny): zeros then quantize to zeros
+        scale = (qmax / _amax(x.abs(), dims).clamp_min(info.tiny)).clamp_max(info.max)
+        return torch.mul(x, scale, out=out).round_(), scale, None
+    lo, hi = _aminmax(x, dims)
+    step = ((hi - lo) / (2**bits - 1)).clamp_min(info.tiny)
+    return torch.sub(x, lo, out=out).div_(step).round_(), step, lo
+
+
+def _empty_in_layout(x: torch.Tensor, layout: Optional[str]) -> Optional[torch.Tensor]:
+    if layout is None:
+        return None
+    if layout == "contiguous":
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if layout == "transposed" and x.dim() >= 2:
+        shape = x.shape[:-2] + (x.shape[-1], x.shape[-2])
+        return torch.empty(shape, dtype=x.dtype, device=x.device).transpose(-1, -2)
+    raise ValueError(f"layout must be None, 'contiguous' or 'transposed' (2+ dims), got {layout!r}")
+
+
+def _uniform_dequantize_(rounded: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor],
+                         dtype: torch.dtype) -> torch.Tensor:
+    """``x̂`` from :func:`_uniform_rounded`'s pieces, in place on ``rounded``, cast to ``dtype``."""
+    x_hat = rounded.div_(scale) if offset is None else rounded.mul_(scale).add_(offset)
+    return x_hat.to(dtype)
 
 
 @torch.no_grad()
@@ -425,20 +515,10 @@ def uniform_parts(
     minmax: ``s = (max − min)/(2^b − 1)``, ``codes = round((x − min)/s)``, ``x̂ = codes·s + min``;
     symmetric: ``s = (2^(b−1) − 1)/max|x|``, ``codes = round(x·s)``, ``x̂ = codes/s``.
     Statistics are taken after clamping to ``±clip`` (when set). A zero range (constant input) or a zero
-    maximum gives the input back.
+    maximum gives the input back. For an fp16/bf16 ``x`` codes, scale and offset are float32.
     """
-    _check_uniform_args(bits, mode, granularity)
-    x = _clip(x.detach(), clip)
-    dims = _reduce_dims(x, granularity)
-    info = torch.finfo(x.dtype)
-    if mode == "symmetric":
-        qmax = 2 ** (bits - 1) - 1
-        # capping the scale keeps it finite when max|x| is 0 (or tiny): zeros then quantize to zeros
-        scale = (qmax / _amax(x.abs(), dims).clamp_min(info.tiny)).clamp_max(info.max)
-        return QuantParts("symmetric", torch.round(x * scale), scale, bits=bits)
-    lo, hi = _aminmax(x, dims)
-    step = ((hi - lo) / (2**bits - 1)).clamp_min(info.tiny)
-    return QuantParts("minmax", torch.round((x - lo) / step), step, lo, bits=bits)
+    rounded, scale, offset = _uniform_rounded(x, bits, mode, granularity, clip)
+    return QuantParts(mode, rounded, scale, offset, bits=bits)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -470,18 +550,26 @@ def binarize(w: torch.Tensor, granularity: Granularity = "layer", clip: Optional
 @torch.no_grad()
 def _fake_uniform(x: torch.Tensor, bits: int, mode: str, granularity: str, clip: Optional[float]) -> torch.Tensor:
     """``dequantize_parts(uniform_parts(...))`` with the same arithmetic done in place on one fresh buffer
-    (activations are quantized every forward: fewer large allocations and passes than building the codes)."""
-    _check_uniform_args(bits, mode, granularity)
-    x = _clip(x.detach(), clip)
-    dims = _reduce_dims(x, granularity)
-    info = torch.finfo(x.dtype)
-    if mode == "symmetric":
-        qmax = 2 ** (bits - 1) - 1
-        scale = (qmax / _amax(x.abs(), dims).clamp_min(info.tiny)).clamp_max(info.max)
-        return torch.mul(x, scale).round_().div_(scale)
-    lo, hi = _aminmax(x, dims)
-    step = ((hi - lo) / (2**bits - 1)).clamp_min(info.tiny)
-    return torch.sub(x, lo).div_(step).round_().mul_(step).add_(lo)
+    (activations are quantized every forward: fewer large allocations and passes than building the codes);
+    ``x``'s dtype."""
+    rounded, scale, offset = _uniform_rounded(x, bits, mode, granularity, clip)
+    return _uniform_dequantize_(rounded, scale, offset, x.dtype)
+
+
+@torch.no_grad()
+def uniform_with_codes(x: torch.Tensor, bits: int, mode: UniformMode = "minmax",
+                       granularity: UniformGranularity = "tensor", clip: Optional[float] = None,
+                       layout: Optional[str] = None) -> tuple[torch.Tensor, Codes]:
+    """:func:`_fake_uniform`'s tensor (no autograd; memory layout ``layout``, see :func:`_uniform_rounded`)
+    and its integer codes (uint8 for min-max and int8 for symmetric up to 8 bits)."""
+    rounded, scale, offset = _uniform_rounded(x, bits, mode, granularity, clip, layout)
+    if offset is None:
+        limit = 2 ** (bits - 1) - 1
+        codes = rounded.to(code_dtype(-limit, limit))
+    else:
+        codes = rounded.to(code_dtype(0, 2**bits - 1))
+    return (_uniform_dequantize_(rounded, scale, offset, x.dtype),
+            Codes(codes, scale, offset, divide=offset is None, dtype=x.dtype))
 
 
 def uniform_quantize(
@@ -563,6 +651,15 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, grad_scale: Opt
     if torch.is_grad_enabled() and (x.requires_grad or step.requires_grad):
         return _LearnedStep.apply(x, step, q_n, q_p, grad_scale)
     return torch.div(x, step).clamp_(-q_n, q_p).round_().mul_(step)
+
+
+@torch.no_grad()
+def lsq_codes(x_hat: torch.Tensor, step: torch.Tensor, bits: int) -> Codes:
+    """The codes of an LSQ output ``x̂ = c·s`` (``c = round(x̂/s)`` recovers ``c`` exactly: ``|c| ≤ 2^15`` and
+    ``x̂/s`` is within a few ulps of it), so ``Codes.values()`` gives ``c·s`` again."""
+    q_n, q_p = lsq_range(bits)
+    step = step.detach().to(x_hat.dtype)
+    return Codes(torch.div(x_hat.detach(), step).round_().to(code_dtype(-q_n, q_p)), step, dtype=x_hat.dtype)
 
 
 TERNARY_ENTROPY_BITS = math.log2(3)  # information floor of one ternary weight

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from ds_kdqat.quant.codes import Codes
 from ds_kdqat.quant.functional import (
     QuantParts,
     _fake_lat,
@@ -41,12 +42,16 @@ from ds_kdqat.quant.functional import (
     _fake_uniform,
     binary_parts,
     lat_parts,
+    lat_with_codes,
+    lsq_codes,
     lsq_initial_step,
     lsq_parts,
     lsq_quantize,
     straight_through,
     twn_parts,
+    twn_with_codes,
     uniform_parts,
+    uniform_with_codes,
 )
 
 if TYPE_CHECKING:
@@ -143,6 +148,23 @@ class QuantMethod:
         """The fake-quantized ``x`` with the straight-through gradient (zero where ``|x| >= clip``)."""
         return straight_through(x, self.fake(x, owner), self.clip)
 
+    def fake_with_codes(self, x: torch.Tensor, owner: Any = None,
+                        layout: Optional[str] = None) -> tuple[torch.Tensor, Optional[Codes]]:
+        """:meth:`fake`'s tensor and its integer codes (:class:`~ds_kdqat.quant.codes.Codes`, what autograd saves
+        for the backward in its place), or None where the method has none to give. ``layout``: the memory layout
+        asked of an activation's output (see :func:`~ds_kdqat.quant.functional.uniform_with_codes`)."""
+        return self.fake(x, owner), None
+
+    def quantize_with_codes(self, x: torch.Tensor, owner: Any = None,
+                            layout: Optional[str] = None) -> tuple[torch.Tensor, Optional[Codes]]:
+        """:meth:`quantize`'s tensor (straight-through gradient) and its codes (see :meth:`fake_with_codes`)."""
+        x_hat, codes = self.fake_with_codes(x, owner, layout)
+        return straight_through(x, x_hat, self.clip, self.gradient_sink(x, owner)), codes
+
+    def gradient_sink(self, x: torch.Tensor, owner: Any = None) -> Optional[torch.Tensor]:
+        """A float32 tensor of ``x``'s shape the backward adds ``x``'s gradient into, or None (the default)."""
+        return None
+
     # -- code arithmetic and storage (per kind) -------------------------------------------------------------
     @staticmethod
     def dequantize(parts: QuantParts) -> torch.Tensor:
@@ -198,6 +220,9 @@ class TwnMethod(TernaryMethod):
     def fake(self, x, owner=None):
         return _fake_twn(x, self.granularity, self.clip)  # the common case, in fewer passes (same values)
 
+    def fake_with_codes(self, x, owner=None, layout=None):
+        return twn_with_codes(x, self.granularity, self.clip)
+
 
 @register_method("lat")
 class LatMethod(TernaryMethod):
@@ -236,11 +261,18 @@ class LatMethod(TernaryMethod):
         iters, eps = self._settings(owner)
         return _fake_lat(x, self._moment(x, owner), self.granularity, self.clip, iters, eps)
 
-    def quantize(self, x, owner=None):
-        sink = None
+    def fake_with_codes(self, x, owner=None, layout=None):
+        iters, eps = self._settings(owner)
+        return lat_with_codes(x, self._moment(x, owner), self.granularity, self.clip, iters, eps)
+
+    def gradient_sink(self, x, owner=None):
+        """Where the backward adds the gradient for LAT's own second-moment estimate (None when not collecting)."""
         if owner is not None and owner.collects_gradient and torch.is_grad_enabled() and x.requires_grad:
-            sink = owner._accumulator(x)
-        return straight_through(x, self.fake(x, owner), self.clip, sink)
+            return owner._accumulator(x)
+        return None
+
+    def quantize(self, x, owner=None):
+        return straight_through(x, self.fake(x, owner), self.clip, self.gradient_sink(x, owner))
 
     def quantize_rows(self, x: torch.Tensor, owner, rows: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x``, rows ``rows`` of the (row-wise) weight ``owner`` serves, with D read at those rows;
@@ -267,6 +299,10 @@ class BinaryMethod(QuantMethod):
 
     def parts(self, x, owner=None):
         return binary_parts(x, self.granularity, self.clip)
+
+    def fake_with_codes(self, x, owner=None, layout=None):
+        parts = self.parts(x, owner)
+        return self.dequantize(parts), Codes(parts.codes.to(torch.int8), parts.scale, dtype=x.dtype)
 
     @staticmethod
     def encode(parts):
@@ -310,6 +346,9 @@ class UniformMethod(QuantMethod):
     def fake(self, x, owner=None):
         # dequantize(parts(x)) with the same arithmetic, in place on one fresh buffer
         return _fake_uniform(x, self.bits, self.mode, self._tensor_granularity, self.clip)
+
+    def fake_with_codes(self, x, owner=None, layout=None):
+        return uniform_with_codes(x, self.bits, self.mode, self._tensor_granularity, self.clip, layout)
 
     @staticmethod
     def dequantize(parts):
@@ -389,6 +428,10 @@ class LsqMethod(QuantMethod):
     def quantize(self, x, owner=None):
         self._initialize(x, owner)
         return lsq_quantize(x, self.step(owner).to(x.dtype), self.bits)
+
+    def quantize_with_codes(self, x, owner=None, layout=None):
+        x_hat = self.quantize(x, owner)
+        return x_hat, lsq_codes(x_hat, self.step(owner), self.bits)
 
     @staticmethod
     def encode(parts):

@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_kdqat.quant.codes import Codes, saved_as_codes
 from ds_kdqat.quant.config import GroupConfig, LatConfig
+from ds_kdqat.quant.functional import QuantParts, straight_through
 from ds_kdqat.training.zero import is_partitioned
-from ds_kdqat.quant.functional import QuantParts
 from ds_kdqat.quant.methods import QUANT_METHODS, QuantMethod, activation_methods, weight_methods
 
 
@@ -111,6 +112,17 @@ class WeightQuantizer(nn.Module):
     def parts(self, w: torch.Tensor) -> QuantParts:
         return self.quantizer.parts(w, self)
 
+    def with_codes(self, w: torch.Tensor) -> tuple[torch.Tensor, Optional[Codes]]:
+        """:meth:`forward`'s tensor and its integer codes (None when frozen: ``w`` is used as it is)."""
+        if self.frozen:
+            return w, None
+        return self.quantizer.quantize_with_codes(w, self)
+
+    def reattach(self, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+        """``w_hat`` (a fake-quantized value of ``w`` computed earlier, without autograd) with :meth:`forward`'s
+        straight-through gradient to ``w``."""
+        return straight_through(w, w_hat, self.clip, self.quantizer.gradient_sink(w, self))
+
     def forward(self, w: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The fake-quantized ``w``. ``rows`` (1-D, one index per row of ``w``; only when
         :attr:`quantizes_rows`): ``w`` holds those rows of the weight this quantizer belongs to (an embedding's
@@ -166,6 +178,41 @@ def version_key(x: torch.Tensor) -> Optional[int]:
     return None if x.is_inference() else x._version
 
 
+class InputMemo:
+    """One remembered ``input → result`` pair, kept only while the input tensor lives.
+
+    Q, K and V read one tensor; their shared quantizer gives the same result three times. The result is held
+    strongly (between the three calls nothing else may hold it), so the entry is dropped as soon as the input
+    is freed (a weak reference's callback): a memo that outlived its input kept one activation per quantizer
+    alive between steps. ``key`` adds what else the result depends on (the input's version, grad mode, …).
+    """
+
+    def __init__(self):
+        self._entry: Optional[tuple] = None
+
+    def get(self, x: torch.Tensor, key):
+        entry = self._entry
+        if entry is not None and entry[0]() is x and entry[1] == key:
+            return entry[2]
+        return None
+
+    def put(self, x: torch.Tensor, key, value) -> None:
+        self_ref = weakref.ref(self)
+
+        def forget(ref, self_ref=self_ref):
+            memo = self_ref()
+            if memo is not None and memo._entry is not None and memo._entry[0] is ref:
+                memo._entry = None
+
+        self._entry = (weakref.ref(x, forget), key, value)
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def __getstate__(self):
+        return {"_entry": None}  # a weak reference and a stale activation: neither is kept
+
+
 class ActQuantizer(nn.Module):
     """Activation fake quantization by a registered activation method (``method``, default ``"uniform"``:
     dynamic per-tensor statistics of the current batch; ``"lsq"``: a learned step size, whose tensors the
@@ -191,14 +238,39 @@ class ActQuantizer(nn.Module):
     clip = property(lambda self: self.quantizer.clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quantize(x, codes=False, layout=None)[0]
+
+    def with_codes(self, x: torch.Tensor, layout: Optional[str] = None) -> tuple[torch.Tensor, Optional[Codes]]:
+        """:meth:`forward`'s tensor (in memory layout ``layout``, see
+        :func:`~ds_kdqat.quant.functional.uniform_with_codes`) and its integer codes, for a consumer that has
+        autograd save the codes (:func:`~ds_kdqat.quant.codes.saved_as_codes`)."""
+        return self._quantize(x, codes=True, layout=layout)
+
+    def _quantize(self, x: torch.Tensor, codes: bool, layout: Optional[str]) -> tuple[torch.Tensor, Optional[Codes]]:
+        key = (version_key(x), torch.is_grad_enabled(), layout)
         if self.shared:
-            memo = self.__dict__.get("_memo")
-            if memo is not None and memo[0]() is x and memo[1] == (version_key(x), torch.is_grad_enabled()):
-                return memo[2]
-        out = self.quantizer.quantize(x, self)
+            found = self.memo.get(x, key)
+            if found is not None and (found[1] is not None or not codes):
+                return found
+        if codes:
+            out, out_codes = self.quantizer.quantize_with_codes(x, self, layout)
+        else:
+            out, out_codes = self.quantizer.quantize(x, self), None
         if self.shared:
-            self.__dict__["_memo"] = (weakref.ref(x), (version_key(x), torch.is_grad_enabled()), out)
-        return out
+            self.memo.put(x, key, (out, out_codes))
+        return out, out_codes
+
+    def forget_memo(self) -> None:
+        """Drop the remembered result (e.g. before a recomputation that must quantize afresh)."""
+        self.__dict__.pop("_memo", None)
+
+    @property
+    def memo(self) -> InputMemo:
+        """The last input's result (``shared`` quantizers; a plain attribute, not module state)."""
+        memo = self.__dict__.get("_memo")
+        if memo is None:
+            memo = self.__dict__["_memo"] = InputMemo()
+        return memo
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -237,12 +309,35 @@ class _QuantWeightMixin:
         self.__dict__["_kdqat_qcache"] = (key, q)
         return q
 
+    def quantized_weight_with_codes(self) -> tuple[torch.Tensor, Optional[Codes]]:
+        """For a forward that records a graph: ``ŵ`` (straight-through gradient to the latent weight) and its
+        integer codes, which autograd saves in place of ``ŵ``.
+
+        While :attr:`reuse_within_step` is set (by the training loop, :func:`reuse_quantized_weights`), the codes
+        are kept until :meth:`clear_quant_cache` (called after every optimizer step), so under gradient
+        accumulation a weight is quantized once per optimizer step and later micro-batches only rebuild ``ŵ``
+        from its codes. Weights of DeepSpeed ZeRO-3 are never kept (they are re-gathered each forward).
+        """
+        w, wq = self.weight, self.weight_quant
+        if not self.__dict__.get("reuse_within_step") or wq.frozen or is_partitioned(w):
+            return wq.with_codes(w)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape), wq.version)
+        cache = self.__dict__.get("_kdqat_step_codes")
+        if cache is not None and cache[0] == key:
+            return wq.reattach(w, cache[1].values()), cache[1]
+        w_hat, codes = wq.with_codes(w)
+        if codes is not None:
+            self.__dict__["_kdqat_step_codes"] = (key, codes)
+        return w_hat, codes
+
     def clear_quant_cache(self) -> None:
         self.__dict__.pop("_kdqat_qcache", None)
+        self.__dict__.pop("_kdqat_step_codes", None)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_kdqat_qcache", None)
+        state.pop("_kdqat_step_codes", None)
         return state
 
 
@@ -266,9 +361,14 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         return linear  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_quant is not None:
-            x = self.act_quant(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            if self.act_quant is not None:  # nothing is saved for a backward
+                x = self.act_quant(x)
+            return F.linear(x, self.quantized_weight(), self.bias)
+        x_hat, x_codes = self.act_quant.with_codes(x, "contiguous") if self.act_quant is not None else (x, None)
+        w_hat, w_codes = self.quantized_weight_with_codes()
+        with saved_as_codes((x_hat, x_codes), (w_hat, w_codes)):
+            return F.linear(x_hat, w_hat, self.bias)
 
     def train(self, mode: bool = True):
         self.clear_quant_cache()
@@ -307,3 +407,24 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
 
 
 QUANT_MODULE_TYPES = (QuantLinear, QuantEmbedding)
+
+
+def reuse_quantized_weights(model: nn.Module, enabled: bool = True) -> int:
+    """Let ``model``'s quantized linears keep their weights' codes from one forward to the next until
+    :func:`clear_quant_caches` (see :meth:`_QuantWeightMixin.quantized_weight_with_codes`): the training loop
+    enables it and clears after every optimizer step, so a weight is quantized once per step, not once per
+    micro-batch. Returns the number of linears affected."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.__dict__["reuse_within_step"] = enabled
+            module.clear_quant_cache()
+            count += 1
+    return count
+
+
+def clear_quant_caches(model: nn.Module) -> None:
+    """Drop every kept quantized weight of ``model`` (after an optimizer step, the latent weights changed)."""
+    for module in model.modules():
+        if isinstance(module, QUANT_MODULE_TYPES):
+            module.clear_quant_cache()

@@ -11,7 +11,8 @@ writes those parts, with the loop's micro-batch counter, to ``kdqat_state.json``
      "ti_convergence": {"ended": {phase: step}, "criterion": {"phase": str | None, "steps": int,
                                                              "losses": [float]}}}   (with ti.convergence only)
 
-The engine's order: :class:`LatFold`, :class:`EarlyPhaseEnd` (with ``ti.convergence``), :class:`ProgressBar`
+The engine's order: :class:`QuantizedWeightsPerStep`, :class:`LatFold`, :class:`EarlyPhaseEnd` (with
+``ti.convergence``), :class:`ProgressBar`
 (main rank, when asked for), :class:`LogWindow`, :class:`DevEvaluation`, :class:`StopOnSignal`,
 :class:`Checkpoint`.
 """
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..distill.schedule import PlateauCriterion, is_ti_phase
-from ..quant import after_optimizer_step, lat_state, load_lat_state
+from ..quant import after_optimizer_step, clear_quant_caches, lat_state, load_lat_state, reuse_quantized_weights
 from ..quant.lat import prepare_lat
 from . import checkpoint
 
@@ -97,6 +98,26 @@ class LatFold(Callback):
     def on_step_end(self, state: LoopState) -> None:
         if self.engine.was_step_applied():
             after_optimizer_step(self.engine.module, optimizer=self.engine.optimizer)
+
+
+class QuantizedWeightsPerStep(Callback):
+    """Quantize each weight once per optimizer step, not once per micro batch: while the loop runs, the
+    quantized linears keep their weights' codes between micro batches
+    (:func:`ds_kdqat.quant.reuse_quantized_weights`), dropped after every optimizer step (the latent weights
+    changed). Without gradient accumulation nothing is kept longer than before: the codes are saved for that
+    step's backward anyway."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def on_train_begin(self, state: LoopState) -> None:
+        reuse_quantized_weights(self.module, True)
+
+    def on_step_end(self, state: LoopState) -> None:
+        clear_quant_caches(self.module)
+
+    def on_train_end(self, state: LoopState) -> None:
+        reuse_quantized_weights(self.module, False)
 
 
 class ProgressBar(Callback):
