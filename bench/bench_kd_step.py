@@ -70,7 +70,7 @@ class PlainStep:
 
 
 class KDStep:
-    def __init__(self, args, quantize: bool = True):
+    def __init__(self, args, quantize: bool = True, integer_forward: bool = False):
         self.teacher = make_model(args).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -78,7 +78,7 @@ class KDStep:
         for p in student.parameters():
             p.requires_grad_(True)
         if quantize:
-            quantize_model(student, QuantConfig())
+            quantize_model(student, QuantConfig(integer_forward=integer_forward))
         self.student = student.train()
         # the plain KD phase of the recipe (no interventions), as one step of the engine runs it
         self.phase = distill_phase(PhaseSpan("kd", 0, 1), build_objective(DistillConfig(recipe=args.recipe),
@@ -120,13 +120,19 @@ def time_all(args) -> dict:
     return summary
 
 
+def modes_of(args) -> list[str]:
+    return (["plain", "kd"] + (["kd_int"] if args.integer_forward else [])
+            + (["kd_fp"] if args.with_fp_student else []))
+
+
 def make_steps(args, only: str | None = None) -> dict:
-    """plain: fp32 fine-tuning; kd: KD-QAT with the W2-E2-A8 student; kd_fp: the same KD step with an
-    unquantized student (separates the distillation's own cost from the quantizers')."""
+    """plain: fp32 fine-tuning; kd: KD-QAT with the W2-E2-A8 student; kd_int: the same with
+    ``kdqat.quant.integer_forward``; kd_fp: the same KD step with an unquantized student (separates the
+    distillation's own cost from the quantizers')."""
     factories = {"plain": lambda: PlainStep(args), "kd": lambda: KDStep(args),
+                 "kd_int": lambda: KDStep(args, integer_forward=True),
                  "kd_fp": lambda: KDStep(args, quantize=False)}
-    modes = [only] if only else (["plain", "kd", "kd_fp"] if args.with_fp_student else ["plain", "kd"])
-    return {mode: factories[mode]() for mode in modes}
+    return {mode: factories[mode]() for mode in ([only] if only else modes_of(args))}
 
 
 def peak_rss_mib() -> float:
@@ -153,10 +159,11 @@ def memory_child(args) -> None:
 
 def memory_all(args) -> dict:
     result = {}
-    for mode in (["plain", "kd", "kd_fp"] if args.with_fp_student else ["plain", "kd"]):
+    for mode in modes_of(args):
         command = [sys.executable, __file__, "--child", mode] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("child", "skip_time", "skip_memory", "with_fp_student") and v is not None]
+            if k not in ("child", "skip_time", "skip_memory", "with_fp_student", "integer_forward")
+            and v is not None]
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ.copy())
         result[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
     return result
@@ -179,9 +186,11 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--with-fp-student", action="store_true",
                         help="also run the KD step with an unquantized student (kd_fp)")
+    parser.add_argument("--integer-forward", action="store_true",
+                        help="also run the KD step with kdqat.quant.integer_forward (kd_int)")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--child", choices=("plain", "kd", "kd_fp"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("plain", "kd", "kd_int", "kd_fp"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         memory_child(args)

@@ -228,3 +228,40 @@ def test_memo_is_dropped_with_its_input():
     del first, again, x
     gc.collect()
     assert act.memo._entry is None and out_ref() is None  # nothing kept once the input is gone
+
+
+@pytest.mark.parametrize("act_method,mode,weight", [("uniform", "minmax", "twn"), ("uniform", "symmetric", "twn"),
+                                                    ("lsq", "symmetric", "binary"), ("uniform", "minmax", "uniform")])
+def test_integer_forward_is_the_float_product_up_to_rounding(act_method, mode, weight):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    bits = {"twn": 2, "binary": 1, "uniform": 8}[weight]
+    QuantLinear.convert(linear, WeightQuantizer(weight, bits=bits, granularity="row" if weight == "uniform" else
+                                                "layer"), ActQuantizer(8, mode, method=act_method))
+    x = torch.randn(4, 10, 64, requires_grad=True)
+    upstream = torch.randn(4, 10, 48)
+    reference = linear(x)
+    (reference * upstream).sum().backward()
+    grads = (x.grad.clone(), linear.weight.grad.clone(), linear.bias.grad.clone())
+    x.grad = linear.weight.grad = linear.bias.grad = None
+    linear.__dict__["integer_forward"] = True
+    out = linear(x)
+    assert out.grad_fn is not None and "IntegerLinear" in type(out.grad_fn).__name__
+    # exact int32 sums against an fp32 GEMM of 64 products: a few float roundings apart
+    torch.testing.assert_close(out, reference, rtol=0, atol=2e-6 * reference.abs().max().item())
+    (out * upstream).sum().backward()
+    for new, old in zip((x.grad, linear.weight.grad, linear.bias.grad), grads):
+        assert torch.equal(new, old)  # the backward is the fake-quant one
+
+
+def test_integer_forward_config_needs_an_int8_linear():
+    from ds_kdqat.errors import ConfigError
+
+    student = tiny_teacher(dropout=0.0)
+    report = quantize_model(copy.deepcopy(student), QuantConfig(integer_forward=True))
+    assert sum(e.activation.endswith("int8 GEMM") for e in report.entries) == 12  # 6 linears × 2 layers
+    groups = [{"roles": ["ffn_in"], "method": "twn", "act_bits": None}]
+    with pytest.raises(ConfigError, match=r"kdqat\.quant\.integer_forward"):
+        quantize_model(copy.deepcopy(student), {"groups": groups, "integer_forward": True})
+    with pytest.raises(ConfigError, match=r"kdqat\.quant\.integer_forward"):
+        quantize_model(copy.deepcopy(student), {"integer_forward": "yes"})

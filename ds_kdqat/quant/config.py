@@ -227,15 +227,26 @@ class LatConfig:
 
 @dataclass
 class QuantConfig:
-    """The ``kdqat.quant`` section. Default: TernaryBERT W2-E2-A8 (see the module docstring for overrides)."""
+    """The ``kdqat.quant`` section. Default: TernaryBERT W2-E2-A8 (see the module docstring for overrides).
+
+    ``integer_forward``: the quantized linears' training forward computes ``x̂·ŵᵀ`` as an int8 × int8 → int32
+    GEMM of the codes (:mod:`ds_kdqat.quant.integer`; CPU only) instead of an fp32 GEMM of the fake-quantized
+    tensors: exact sums (the outputs differ from fake quant by float rounding, as the int8 deployment backend's
+    do) and a faster forward; the backward and the evaluation forward are unchanged. For linears with 8-bit (or
+    narrower) activation codes and shift-free weight codes (ternary, binary, symmetric uniform); others keep the
+    float product.
+    """
 
     preset: str = "ternarybert"
     groups: Optional[list[GroupConfig]] = None
     attention: Optional[AttentionActConfig] = None
     lat: LatConfig = field(default_factory=LatConfig)
+    integer_forward: bool = False
 
     def validate(self, path: str = DEFAULT_PATH) -> None:
         _check_choice(self.preset, tuple(PRESETS), f"{path}.preset")
+        if not isinstance(self.integer_forward, bool):
+            raise ConfigError(f"{path}.integer_forward", f"got {self.integer_forward!r}, expected true or false")
         if self.groups is not None:
             if not isinstance(self.groups, list):
                 raise ConfigError(f"{path}.groups", f"got {self.groups!r}, expected a list of groups or null")

@@ -166,8 +166,11 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
                 act = shared_act.setdefault((name.rpartition(".")[0], i), ActQuantizer(
                     group.act_bits, group.act_mode, group.act_clip, shared=True, method=group.act_method))
             QuantLinear.convert(module, weight_quant, act)
+            integer = config.integer_forward and integer_forward_possible(weight_quant, act)
+            module.__dict__["integer_forward"] = integer
             report.entries.append(QuantEntry(name, "linear", weight_quant.describe(),
-                                             act.describe() if act else "-", params))
+                                             (act.describe() if act else "-") + (", int8 GEMM" if integer else ""),
+                                             params))
         else:
             QuantEmbedding.convert(module, weight_quant)
             report.entries.append(QuantEntry(name, "embedding", weight_quant.describe(), "-", params))
@@ -182,8 +185,20 @@ def quantize_model(model: nn.Module, config: Union[QuantConfig, dict, None] = No
             report.entries.append(QuantEntry(names[id(module)], "attention", "+".join(att.points), describe, 0))
     order = {name: k for k, (name, _) in enumerate(model.named_modules())}
     report.entries.sort(key=lambda e: order[e.name])
+    if config.integer_forward and not any(e.activation.endswith("int8 GEMM") for e in report.entries):
+        raise ConfigError(f"{path}.integer_forward", "no quantized linear has an int8 form (it needs activation "
+                          "codes of 8 bits or fewer and ternary, binary or symmetric weight codes of 8 bits or "
+                          "fewer); set it to false")
     setattr(model, CONFIG_ATTR, config)
     return report
+
+
+def integer_forward_possible(weight_quant: WeightQuantizer, act: Optional[ActQuantizer]) -> bool:
+    """Whether a linear's codes have int8 forms (:mod:`ds_kdqat.quant.integer`): activation codes of at most 8
+    bits (uniform or LSQ) and weight codes of at most 8 bits without a shift."""
+    if act is None or act.bits > 8 or act.method not in ("uniform", "lsq"):
+        return False
+    return weight_quant.bits <= 8 and weight_quant.kind in ("ternary", "binary", "symmetric")
 
 
 def model_quant_config(model: nn.Module) -> Optional[QuantConfig]:

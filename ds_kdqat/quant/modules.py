@@ -44,6 +44,7 @@ from torch import nn
 from ds_kdqat.quant.codes import Codes, saved_as_codes
 from ds_kdqat.quant.config import GroupConfig, LatConfig
 from ds_kdqat.quant.functional import QuantParts, straight_through
+from ds_kdqat.quant.integer import integer_linear
 from ds_kdqat.training.zero import is_partitioned
 from ds_kdqat.quant.methods import QUANT_METHODS, QuantMethod, activation_methods, weight_methods
 
@@ -367,6 +368,10 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
             return F.linear(x, self.quantized_weight(), self.bias)
         x_hat, x_codes = self.act_quant.with_codes(x, "contiguous") if self.act_quant is not None else (x, None)
         w_hat, w_codes = self.quantized_weight_with_codes()
+        if self.__dict__.get("integer_forward") and x_codes is not None and w_codes is not None:
+            out = integer_linear(x_hat, w_hat, self.bias, x_codes, w_codes)
+            if out is not None:
+                return out
         with saved_as_codes((x_hat, x_codes), (w_hat, w_codes)):
             return F.linear(x_hat, w_hat, self.bias)
 
