@@ -33,6 +33,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from ds_kdqat.distill import DistillConfig, PhaseSpan, build_objective, distill_phase, kd_forward  # noqa: E402
 from ds_kdqat.quant import QuantConfig, quantize_model  # noqa: E402
+from ds_kdqat.training.teacher import convert_teacher  # noqa: E402
 
 
 def make_model(args) -> BertForSequenceClassification:
@@ -70,13 +71,14 @@ class PlainStep:
 
 
 class KDStep:
-    def __init__(self, args, quantize: bool = True, integer_forward: bool = False):
+    def __init__(self, args, quantize: bool = True, integer_forward: bool = False, teacher_precision: str = "fp32"):
         self.teacher = make_model(args).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         student = copy.deepcopy(self.teacher)
         for p in student.parameters():
             p.requires_grad_(True)
+        convert_teacher(self.teacher, teacher_precision)
         if quantize:
             quantize_model(student, QuantConfig(integer_forward=integer_forward))
         self.student = student.train()
@@ -120,8 +122,14 @@ def time_all(args) -> dict:
     return summary
 
 
+CHEAP_TEACHERS = ("bf16", "int8_dynamic")
+
+
 def modes_of(args) -> list[str]:
+    teachers = [p for p in (args.teacher_precisions or "").split(",") if p]
     return (["plain", "kd"] + (["kd_int"] if args.integer_forward else [])
+            + [f"kd_teacher_{p}" for p in teachers]
+            + ([f"kd_int_teacher_{p}" for p in teachers] if args.integer_forward else [])
             + (["kd_fp"] if args.with_fp_student else []))
 
 
@@ -132,6 +140,9 @@ def make_steps(args, only: str | None = None) -> dict:
     factories = {"plain": lambda: PlainStep(args), "kd": lambda: KDStep(args),
                  "kd_int": lambda: KDStep(args, integer_forward=True),
                  "kd_fp": lambda: KDStep(args, quantize=False)}
+    for p in CHEAP_TEACHERS:
+        factories[f"kd_teacher_{p}"] = lambda p=p: KDStep(args, teacher_precision=p)
+        factories[f"kd_int_teacher_{p}"] = lambda p=p: KDStep(args, integer_forward=True, teacher_precision=p)
     return {mode: factories[mode]() for mode in ([only] if only else modes_of(args))}
 
 
@@ -162,8 +173,8 @@ def memory_all(args) -> dict:
     for mode in modes_of(args):
         command = [sys.executable, __file__, "--child", mode] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("child", "skip_time", "skip_memory", "with_fp_student", "integer_forward")
-            and v is not None]
+            if k not in ("child", "skip_time", "skip_memory", "with_fp_student", "integer_forward",
+                         "teacher_precisions") and v is not None]
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ.copy())
         result[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
     return result
@@ -188,9 +199,12 @@ def main() -> None:
                         help="also run the KD step with an unquantized student (kd_fp)")
     parser.add_argument("--integer-forward", action="store_true",
                         help="also run the KD step with kdqat.quant.integer_forward (kd_int)")
+    parser.add_argument("--teacher-precisions", default="",
+                        help="comma-separated kdqat.model.teacher_precision values besides fp32 to run the KD step "
+                             "with (bf16, int8_dynamic): modes kd_teacher_<p> (and kd_int_teacher_<p>)")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--child", choices=("plain", "kd", "kd_int", "kd_fp"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         memory_child(args)

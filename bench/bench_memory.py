@@ -52,14 +52,17 @@ class Case:
     seq: int
     recipe: str = "ternarybert"
     preset: str = "ternarybert"
+    checkpointing: bool = False  # kdqat.train.activation_checkpointing
 
 
 CASES = [
     Case("bert4-z0-r1", "bert4", 0, 1, 32, 128),
     Case("bert4-z0-r1-map", "bert4", 0, 1, 32, 128, recipe="map_output"),
+    Case("bert4-z0-r1-ckpt", "bert4", 0, 1, 32, 128, checkpointing=True),
     Case("bert4-z1-r2", "bert4", 1, 2, 32, 128),
     Case("bert4-z2-r2", "bert4", 2, 2, 32, 128),
     Case("bert4-z3-r2", "bert4", 3, 2, 32, 128, recipe="map_output"),
+    Case("bert4-z3-r2-ckpt", "bert4", 3, 2, 32, 128, recipe="map_output", checkpointing=True),
     Case("minilm-z0-r1", "minilm", 0, 1, 16, 128),
     Case("minilm-z2-r1-lat", "minilm", 2, 1, 16, 64, preset="ternarybert_lat"),
     Case("minilm-z3-r2", "minilm", 3, 2, 16, 128, recipe="map_output"),
@@ -124,7 +127,8 @@ def write_config(case: Case, assets: Path, data: Path, out: Path) -> Path:
                      "max_seq_length": case.seq},
             "quant": {"preset": case.preset},
             "distill": {"recipe": case.recipe},
-            "train": {"epochs": 1, "learning_rate": 1e-4, "max_steps": 3},
+            "train": {"epochs": 1, "learning_rate": 1e-4, "max_steps": 3,
+                      "activation_checkpointing": case.checkpointing},
             # a dev evaluation after every step: as in a long run, steps after the first run with everything
             # imported (metrics, the best student's saving) and the optimizer states present
             "logging": {"log_every": 1, "eval_every": 1, "save_every": 1000, "progress": False},
@@ -294,7 +298,7 @@ FIT_MODELS = [
     ("BERT-Base", "ds_configs/zero3_bert_large.json", ("bert", 12, 768, 12, 3072, 30522), []),
     ("BERT-Large", "ds_configs/zero3_bert_large.json", ("bert", 24, 1024, 16, 4096, 30522), []),
     ("ULM-Large (T5 encoder)", "ds_configs/zero3_ulm_large.json", ("t5", 24, 1024, 16, 2816, 32128),
-     ["bf16.enabled=true"]),
+     ["bf16.enabled=true", "kdqat.model.teacher_precision=bf16"]),
 ]
 
 
@@ -352,6 +356,7 @@ def main() -> None:
         worst = {key: max(p[key] for p in peaks.values()) for key in ("peak", "setup", "train", "end")}
         rows.append({"case": case.name, "model": case.model, "zero": case.stage, "ranks": case.ranks,
                      "micro_batch": case.micro, "seq": case.seq, "recipe": case.recipe, "preset": case.preset,
+                     "checkpointing": case.checkpointing,
                      "estimate_bytes": est, "measured_bytes": peaks, "measured_worst": worst,
                      "ratio": est["total"] / worst["peak"]})
     header = ("config", "estimate MiB", "measured MiB (rank 0 / 1)", "ratio")
@@ -359,7 +364,8 @@ def main() -> None:
     for row in rows:
         measured = " / ".join(f"{row['measured_bytes'][r]['peak'] / MiB:,.0f}" for r in sorted(row["measured_bytes"]))
         label = (f"{row['model']}, ZeRO-{row['zero']}, {row['ranks']} rank(s), B={row['micro_batch']}, "
-                 f"S={row['seq']}, {row['recipe']}" + (f", {row['preset']}" if row["preset"] != "ternarybert" else ""))
+                 f"S={row['seq']}, {row['recipe']}" + (f", {row['preset']}" if row["preset"] != "ternarybert" else "")
+                 + (", checkpointing" if row["checkpointing"] else ""))
         lines.append(f"| {label} | {row['estimate_bytes']['total'] / MiB:,.0f} | {measured} | {row['ratio']:.3f} |")
     lines += ["", "by part of the job (MiB, the larger rank; estimate / measured):", "",
               "| config | setup (measured) | training | end of run |", "|---|---:|---:|---:|"]

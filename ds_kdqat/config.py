@@ -21,6 +21,7 @@ from .ds_schema import check_deepspeed_keys
 from .errors import ConfigError
 from .models.scratch import SCRATCH_PREFIX
 from .quant.config import QuantConfig
+from .training.teacher import TeacherPrecision, check_teacher_precision
 
 OptimizerName = Literal["bertadam", "adamw", "adafactor"]
 
@@ -42,6 +43,11 @@ class ModelConfig:
     (``teacher_finetune: "always"``). ``teacher_finetune``: ``auto`` fine-tunes first unless the checkpoint
     already carries the task's classification head for the task's number of labels; ``always``/``never``
     force it.
+
+    ``teacher_precision``: the precision of the teacher the KD-QAT stage runs (its weights and forward):
+    ``"fp32"`` (default), ``"bf16"``, or ``"int8_dynamic"`` (PyTorch's dynamic int8 quantization of its linear
+    layers; CPU only, and not with a teacher partitioned under ZeRO-3). The losses always compare taps in fp32;
+    the teacher's dev metrics in the results stay the fp32 teacher's (see :mod:`ds_kdqat.training.teacher`).
     """
 
     teacher: str = EMBEDDED_MODEL
@@ -50,6 +56,7 @@ class ModelConfig:
     local_files_only: bool = False
     partition_teacher: bool = True
     init_config: Optional[dict[str, Any]] = None
+    teacher_precision: TeacherPrecision = "fp32"
 
     def validate(self, path: str) -> None:
         if not self.teacher:
@@ -81,6 +88,12 @@ class ScheduleConfig:
     usual clipping). Only with ``optimizer: "bertadam"``, and only where the optimizer sees whole parameters:
     ZeRO stage 0 (fp32, or fp16/bf16, whose fp32 master copies are per parameter there; see
     :mod:`ds_kdqat.training.optim`).
+
+    ``activation_checkpointing``: checkpoint the trained model's encoder layers (the student in ``kdqat.train``,
+    the teacher being fine-tuned in ``kdqat.finetune``): each layer keeps only its input and recomputes the rest in
+    the backward, with the same dropout masks, taps recorded once and teacher interventions replayed, so losses and
+    gradients are those without it (:mod:`ds_kdqat.models.checkpointing`). The frozen KD teacher runs without
+    gradients and keeps nothing for the backward anyway.
     """
 
     epochs: float = 3.0
@@ -92,6 +105,7 @@ class ScheduleConfig:
     adam_eps: float = 1e-6
     max_steps: Optional[int] = None
     bertadam_max_grad_norm: float = 0.0
+    activation_checkpointing: bool = False
 
     def validate(self, path: str) -> None:
         _check_number(self.epochs, f"{path}.epochs", low=0, low_open=True)
@@ -189,6 +203,21 @@ class RunConfig:
     def zero_stage(self) -> int:
         return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
+    @property
+    def offload_optimizer(self) -> bool:
+        """ZeRO-Offload of the optimizer state (``zero_optimization.offload_optimizer.device`` cpu or nvme)."""
+        return _offload_target(self.deepspeed, "offload_optimizer") != "none"
+
+    @property
+    def offload_param(self) -> bool:
+        """ZeRO-3 parameter offload (``zero_optimization.offload_param.device`` cpu or nvme)."""
+        return _offload_target(self.deepspeed, "offload_param") != "none"
+
+    @property
+    def teacher_partitioned(self) -> bool:
+        """The KD-QAT teacher is partitioned by an engine of its own (ZeRO-3 and ``partition_teacher``)."""
+        return self.zero_stage == 3 and self.kdqat.model.partition_teacher
+
     def to_json(self) -> dict[str, Any]:
         return {**self.deepspeed, "kdqat": to_dict(self.kdqat)}
 
@@ -199,6 +228,37 @@ def _section(ds: dict[str, Any], key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(key, f"got {json.dumps(value)}; expected an object")
     return value
+
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def _offload_target(ds: dict[str, Any], key: str) -> str:
+    """``zero_optimization.<key>.device`` ("none" when the section or the device is absent)."""
+    section = (ds.get("zero_optimization") or {}).get(key)
+    if section is None:
+        return "none"
+    if not isinstance(section, dict):
+        raise ConfigError(f"zero_optimization.{key}", f"got {json.dumps(section)}; expected an object with "
+                          '"device"')
+    device = section.get("device", "none")
+    if device is None:
+        return "none"
+    if device not in OFFLOAD_DEVICES:
+        raise ConfigError(f"zero_optimization.{key}.device", f"got {json.dumps(device)}; allowed: "
+                          + ", ".join(json.dumps(d) for d in OFFLOAD_DEVICES))
+    return device
+
+
+def _check_offload(ds: dict[str, Any], stage: int) -> None:
+    """Offload settings DeepSpeed would ignore at this stage are refused: the optimizer's needs stage 1-3, the
+    parameters' stage 3."""
+    if _offload_target(ds, "offload_optimizer") != "none" and stage == 0:
+        raise ConfigError("zero_optimization.offload_optimizer", "offloading the optimizer state needs "
+                          "zero_optimization.stage 1, 2 or 3 (stage is 0)")
+    if _offload_target(ds, "offload_param") != "none" and stage != 3:
+        raise ConfigError("zero_optimization.offload_param", f"parameters are offloaded only at "
+                          f"zero_optimization.stage 3 (stage is {stage}); use offload_optimizer at stages 1-2")
 
 
 def _positive_int(ds: dict[str, Any], key: str, default: Any, source: str) -> None:
@@ -236,6 +296,7 @@ def _check_deepspeed_section(ds: dict[str, Any], source: str) -> None:
     stage = _section(ds, "zero_optimization").get("stage", 0)
     if not is_int(stage) or stage not in (0, 1, 2, 3):
         raise ConfigError("zero_optimization.stage", f"got {json.dumps(stage)}; allowed: 0, 1, 2, 3")
+    _check_offload(ds, stage)
     if "gradient_clipping" in ds:
         clipping = ds["gradient_clipping"]
         if not is_finite_number(clipping) or clipping < 0:
@@ -272,6 +333,8 @@ def parse_config(data: dict[str, Any], overrides: Optional[list[str]] = None, so
             raise ConfigError(f"kdqat.{section}.optimizer", "adafactor factorises each matrix's second moment, "
                               "which ZeRO stages 1-3 cannot do on their flat partitions; use zero stage 0, or "
                               "bertadam / adamw")
+    if kdqat.model.teacher_precision == "int8_dynamic" and stage == 3 and kdqat.model.partition_teacher:
+        check_teacher_precision("int8_dynamic", "cpu", partitioned=True)  # raises, naming the key
     return RunConfig(deepspeed=ds, kdqat=kdqat, source=source)
 
 

@@ -1,11 +1,16 @@
 """Teacher–student training on a DeepSpeed engine: one stage of optimisation, resumable at the exact step.
 
 A *stage* trains one model (the student) under ``deepspeed.initialize`` (ZeRO 0–3, fp32/bf16/fp16 as the
-ds_config says) against an *objective*; the teacher, when there is one, is frozen, in eval mode and run
-without gradients — under ZeRO-3 with ``kdqat.model.partition_teacher`` it gets an engine of its own so its
-parameters are partitioned across ranks like the student's instead of replicated. Teacher fine-tuning is a
-stage without a teacher; KD-QAT is a stage with one, whose steps may be split into phases (Teacher
-Intervention, then plain KD-QAT) by a schedule.
+ds_config says, ZeRO-Offload of the optimizer state and of ZeRO-3's parameters) against an *objective*; the
+teacher, when there is one, is frozen, in eval mode and run without gradients, in
+``kdqat.model.teacher_precision`` (:mod:`ds_kdqat.training.teacher`) — under ZeRO-3 with
+``kdqat.model.partition_teacher`` it gets an engine of its own so its parameters are partitioned across ranks
+like the student's instead of replicated. Teacher fine-tuning is a stage without a teacher; KD-QAT is a stage
+with one, whose steps may be split into phases (Teacher Intervention, then plain KD-QAT) by a schedule.
+
+With ``zero_optimization.offload_optimizer`` the optimizer is DeepSpeed's ``DeepSpeedCPUAdam`` computing the
+configured BertAdam / AdamW update (:func:`ds_kdqat.training.optim.build_optimizer`); its state keeps
+``exp_avg_sq``, so LAT's ``second_moment: "optimizer"`` reads it as usual (:mod:`ds_kdqat.quant.lat`).
 
 Step accounting: a *micro batch* is what one rank processes in one forward; ``gradient_accumulation_steps``
 micro batches make one optimizer *step*. The loop's whole position is the global micro-batch counter, so a
@@ -21,8 +26,9 @@ Gradient guard: on the first micro batch of each phase (in this process) the mai
 student parameters that batch's loss can reach (:mod:`ds_kdqat.distill.gradients`: a walk of the autograd graph,
 nothing computed, so training is unchanged) and warns once, naming the parameters that get no gradient in the
 phase and that the phase does not leave untrained on purpose (those are reported at INFO level). It works under
-every ZeRO stage (partitioned parameters are still the graph's leaves); under activation checkpointing, or when
-the graph reaches no parameter at all, it cannot tell and is skipped with a DEBUG note.
+every ZeRO stage (partitioned parameters are still the graph's leaves) and under ``activation_checkpointing``
+(non-reentrant: the whole graph is built in the forward); when the graph reaches no parameter at all (or under
+reentrant checkpointing set up by hand) it cannot tell and is skipped with a DEBUG note.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from .distill.gradients import compact_names, graph_check_possible, phase_gradie
 from .distill.phases import Phase
 from .distill.step import kd_forward, model_inputs
 from .errors import ConfigError
+from .models.checkpointing import enable_activation_checkpointing
 from .models.taps import output_logits
 from .training.callbacks import (Checkpoint, DevEvaluation, EarlyPhaseEnd, LatFold, LogWindow, LoopState,
                                  ProgressBar, QuantizedWeightsPerStep, StopOnSignal, StopTraining)
@@ -52,6 +59,7 @@ from .training.loop import ordered_micro_batches, run_loop
 from .training.logger import RunLog
 from .training.optim import build_optimizer, linear_warmup_decay, parameter_groups
 from .training.order import micro_batches_per_epoch
+from .training.teacher import check_teacher_precision, convert_teacher, teacher_engine_config
 from .training.zero import is_partitioned
 
 __all__ = ["NoGradientWarning", "StageResult", "StopTraining", "TeacherStudentEngine", "steps_per_epoch",
@@ -86,6 +94,15 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _enable_checkpointing(model: nn.Module, section: str) -> int:
+    """``<section>.activation_checkpointing``: checkpoint ``model``'s encoder layers (ds_kdqat.models.checkpointing);
+    returns their number."""
+    try:
+        return enable_activation_checkpointing(model)
+    except ValueError as error:
+        raise ConfigError(f"{section}.activation_checkpointing", str(error)) from None
+
+
 @dataclass
 class StageResult:
     best_metrics: dict = field(default_factory=dict)
@@ -105,9 +122,20 @@ class TeacherStudentEngine:
         self.steps = steps
         self.schedule = schedule
         self._gradient_checked: set[str] = set()
+        if teacher is not None:
+            from deepspeed.accelerator import get_accelerator
+
+            check_teacher_precision(run.kdqat.model.teacher_precision, get_accelerator().device_name(),
+                                    run.teacher_partitioned)
+        if schedule.activation_checkpointing:
+            section = "kdqat.finetune" if teacher is None else "kdqat.train"
+            layers = _enable_checkpointing(student, section)
+            if dist_info.is_main:
+                print(f"ds-kdqat: {section}.activation_checkpointing: {layers} encoder layers checkpointed")
         groups = parameter_groups(student, schedule.weight_decay)
         optimizer = build_optimizer(schedule.optimizer, groups, schedule.learning_rate, schedule.adam_betas,
-                                    schedule.adam_eps, bertadam_max_grad_norm=schedule.bertadam_max_grad_norm)
+                                    schedule.adam_eps, bertadam_max_grad_norm=schedule.bertadam_max_grad_norm,
+                                    cpu_offload=run.offload_optimizer)
         scheduler = linear_warmup_decay(optimizer, steps, schedule.warmup_proportion, segments)
         ds_config = dict(run.deepspeed)
         # BertAdam is element-wise like Adam, so ZeRO's flat partitions update it exactly; DeepSpeed only
@@ -119,19 +147,21 @@ class TeacherStudentEngine:
 
     # -- teacher ---------------------------------------------------------------------------------------
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The frozen teacher in ``kdqat.model.teacher_precision``: partitioned by an engine of its own (ZeRO-3
+        with ``partition_teacher``; bf16 only when that precision asks for it) or replicated on this rank's
+        device (:func:`~ds_kdqat.training.teacher.convert_teacher`)."""
         import deepspeed
 
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        if self.run.zero_stage == 3 and self.run.kdqat.model.partition_teacher:
-            config = {k: v for k, v in self.run.deepspeed.items()
-                      if k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16", "bf16",
-                               "zero_optimization")}
-            engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        precision = self.run.kdqat.model.teacher_precision
+        if self.run.teacher_partitioned:
+            engine, *_ = deepspeed.initialize(model=convert_teacher(teacher, precision),
+                                              config=teacher_engine_config(self.run.deepspeed, precision))
             engine.eval()
             return engine
-        return teacher.to(self.engine.device)
+        return convert_teacher(teacher, precision).to(self.engine.device)
 
     @property
     def teacher_partitioned(self) -> bool:

@@ -60,6 +60,7 @@ from .training import checkpoint
 from .training.distributed import DistInfo, init_distributed
 from .training.logger import RunLog
 from .training.run_folder import RunFolder, claim_run_folder, run_fingerprint
+from .training.teacher import check_teacher_precision
 from .training.zero import gathered
 
 TEACHER_DONE = "done.json"
@@ -227,6 +228,7 @@ def prepare(run: RunConfig, overwrite: bool = False, resume_anyway: bool = False
     checked before any model loads. The caller releases the folder (:meth:`JobContext.release`)."""
     info = init_distributed()
     cfg = run.kdqat
+    check_teacher_precision(cfg.model.teacher_precision, torch.device(info.device).type, run.teacher_partitioned)
     spec = task_spec(cfg.data)
     source_path = resolve_model_path(cfg.model.teacher)
     if is_scratch(cfg.model.teacher):
@@ -393,16 +395,23 @@ def finetune_teacher(ctx: JobContext) -> str:
     return teacher_dir
 
 
+def load_kd_teacher(ctx: JobContext, teacher_path: str):
+    """The fp32 teacher of the KD-QAT stage, loaded after seeding with ``kdqat.seed``: a head the checkpoint lacks
+    (``teacher_finetune: "never"``) is initialised the same way each time it is loaded."""
+    set_seed(ctx.run.kdqat.seed)
+    teacher = load_classifier(teacher_path, ctx.spec, ctx.run.kdqat.model.local_files_only)
+    if not ctx.spec.is_regression:
+        name_classes(teacher, ctx.spec.labels)  # the student (a copy) is saved with the task's class names
+    return teacher
+
+
 def train_student(ctx: JobContext, teacher_path: str):
     """Stage 2: KD-QAT of the quantized copy of the teacher; the best dev student goes to ``student/``.
 
     Returns the stage's engine (holding the teacher) and its :class:`StageResult`.
     """
     run, info, cfg = ctx.run, ctx.info, ctx.run.kdqat
-    set_seed(cfg.seed)
-    teacher = load_classifier(teacher_path, ctx.spec, cfg.model.local_files_only)
-    if not ctx.spec.is_regression:
-        name_classes(teacher, ctx.spec.labels)  # the student (a copy) is saved with the task's class names
+    teacher = load_kd_teacher(ctx, teacher_path)
     student = copy.deepcopy(teacher)
     report = quantize_model(student, cfg.quant)
     if info.is_main:
@@ -485,7 +494,8 @@ def _train_evaluate_export(ctx: JobContext, started: float) -> dict:
     engine, result = train_student(ctx, teacher_path)
     trained = time.time()
 
-    teacher_metrics = {name: engine.evaluate(split, engine.teacher) for name, split in ctx.data.dev.items()}
+    teacher_partitioned = engine.teacher_partitioned
+    teacher_metrics, kd_teacher_metrics = evaluate_teachers(ctx, engine, teacher_path)
     best_student = load_student(os.path.join(ctx.out, "student"), ctx.spec).to(engine.engine.device)
     student_predictions = {name: engine.predict(split, best_student) for name, split in ctx.data.dev.items()}
     student_metrics = {name: engine.score(ctx.data.dev[name], predictions)
@@ -499,14 +509,18 @@ def _train_evaluate_export(ctx: JobContext, started: float) -> dict:
         "teacher_by_split": teacher_metrics,
         "student_by_split": student_metrics,
         "student_last": result.last_metrics,
+        "teacher_precision": run.kdqat.model.teacher_precision,
         "steps": {"kdqat": result.steps},
         "world_size": info.world_size,
         "zero_stage": run.zero_stage,
-        "teacher_partitioned": engine.teacher_partitioned,
+        "teacher_partitioned": teacher_partitioned,
         "wall_time_s": time.time() - started,
         "stage_times_s": {"prepare_and_finetune": finetuned - started, "kdqat": trained - finetuned},
         "label_counts": split_label_counts(ctx.data, ctx.spec),
     }
+    if kd_teacher_metrics is not None:
+        results["teacher_kd"] = kd_teacher_metrics[ctx.dev_name]
+        results["teacher_kd_by_split"] = kd_teacher_metrics
     if info.is_main:
         packed = os.path.join(ctx.out, "student_packed")
         size = export_student(best_student.cpu(), packed, task=_task_description(ctx, best_student), preprocessing=ctx.tokenizer)
@@ -518,6 +532,29 @@ def _train_evaluate_export(ctx: JobContext, started: float) -> dict:
         print(format_results(results))
     _barrier()
     return results
+
+
+def evaluate_teachers(ctx: JobContext, engine: TeacherStudentEngine,
+                      teacher_path: str) -> tuple[dict[str, dict], Optional[dict[str, dict]]]:
+    """Dev metrics by split of the fp32 teacher and, when ``kdqat.model.teacher_precision`` is not ``"fp32"``, of
+    the teacher the KD-QAT stage ran (``(fp32, None)`` otherwise). Collective.
+
+    The fp32 teacher is the reference the results compare the student with, whatever precision distilled it:
+    with another precision the stage's teacher is evaluated first and released, then the fp32 teacher is loaded
+    again from ``teacher_path`` as the stage loaded it (:func:`load_kd_teacher`; replicated on every rank, for this
+    evaluation only) and released in turn.
+    """
+    def by_split(model) -> dict[str, dict]:
+        return {name: engine.evaluate(split, model) for name, split in ctx.data.dev.items()}
+
+    if ctx.run.kdqat.model.teacher_precision == "fp32":
+        return by_split(engine.teacher), None
+    kd_teacher = by_split(engine.teacher)
+    engine.teacher = None
+    reference = load_kd_teacher(ctx, teacher_path).float()  # the very model the stage converted
+    metrics = by_split(reference.to(engine.engine.device))
+    del reference
+    return metrics, kd_teacher
 
 
 def _task_description(ctx: JobContext, model) -> dict:
@@ -546,6 +583,8 @@ def format_results(results: dict) -> str:
     rows = [
         ("task", results["task"]),
         (f"teacher {metric} ({results['dev_split']})", f"{results['teacher'][metric]:.4f}"),
+        *([(f"{results['teacher_precision']} KD teacher {metric}", f"{results['teacher_kd'][metric]:.4f}")]
+          if "teacher_kd" in results else []),
         (f"student {metric} ({results['dev_split']})", f"{results['student'][metric]:.4f}"),
         ("student / teacher", f"{results['student'][metric] / max(results['teacher'][metric], 1e-12):.3f}"),
         ("packed student", f"{size.get('packed_mb', float('nan')):.2f} MiB (W-E-A {size.get('wea', '?')})"),

@@ -88,6 +88,26 @@ def test_zero_arithmetic_per_stage(shape, acts):
     assert parts["student weights"] == 4 * shape.persistent
 
 
+def test_teacher_weights_by_teacher_precision(shape, acts):
+    """kdqat.model.teacher_precision: fp32 4 bytes a parameter (also in a bf16 run, also partitioned), bf16 2,
+    int8_dynamic 1 per nn.Linear weight element and 4 for the rest (biases, embeddings, LayerNorms)."""
+    P, share = shape.params, shape.partition_numel
+    # the tiny BERT's nn.Linear weights: Q, K, V, O, FFN in and out per layer, the pooler (D x D), the classifier
+    assert shape.linear == L * (4 * D * D + 2 * D * F) + D * D + D * 2
+    base = Settings(world_size=2, device="cuda", micro_batch=4, seq=S)
+
+    def teacher(**change) -> int:
+        return estimate_memory(shape, acts, replace(base, **change)).components["end of run"]["teacher weights"]
+
+    assert teacher() == teacher(precision="bf16") == 4 * P
+    assert teacher(teacher_precision="bf16") == teacher(teacher_precision="bf16", precision="bf16") == 2 * P
+    assert teacher(teacher_precision="int8_dynamic") == shape.linear + 4 * (P - shape.linear)
+    assert teacher(stage=3, precision="bf16") == 4 * (share + shape.persistent)  # partitioned, still fp32
+    assert teacher(stage=3, teacher_precision="bf16") == 2 * (share + shape.persistent)
+    assert teacher(stage=3, teacher_precision="bf16", offload_param=True) == 2 * shape.persistent
+    assert replace(base, teacher_precision="int8_dynamic").teacher_dtype == "float32"  # its linears return fp32
+
+
 def test_cpu_has_the_process_overhead_and_no_gpu_allowances(shape, acts):
     settings = Settings(world_size=1, device="cpu", micro_batch=4, seq=S)
     est = estimate_memory(shape, acts, settings)
@@ -136,6 +156,29 @@ def test_activation_checkpointing_keeps_less(shape, acts):
     assert on["activations"] >= L * 64 * S * D * 4  # every layer's input is kept
 
 
+def test_activation_checkpointing_arithmetic_includes_ti_phases(shape):
+    """Hand-computed: with checkpointing the forward/backward phase keeps every layer's input, one layer's share of
+    the saved activations and quantized copies, and all taps; Teacher-Intervention phases are checkpointed too
+    (their recomputation replays the teacher's tensors, see ds_kdqat.models.checkpointing)."""
+    from ds_kdqat.estimate.trace import ActivationModel, PhaseMemory
+
+    kd = PhaseMemory("kd", saved_per_example=8e6, saved_fixed=4e6, taps_per_example=1e6, taps_fixed=0.0,
+                     taps_all_per_example=3e6, taps_all_fixed=2e4)
+    ti = PhaseMemory("ti_map", saved_per_example=9e6, saved_fixed=4e6, taps_per_example=2e6, taps_fixed=0.0,
+                     taps_all_per_example=5e6, taps_all_fixed=2e4)
+    batch = 4
+    settings = Settings(micro_batch=batch, seq=S, activation_checkpointing=True)
+    estimate = estimate_memory(shape, ActivationModel((kd, ti)), settings)
+    parts = estimate.components["forward/backward"]
+    # the TI phase is the larger one: its checkpointed figures are taken
+    assert parts["activations"] == L * batch * S * D * 4 + 9e6 * batch / L
+    assert parts["quantized weight copies"] == 4e6 / L
+    assert parts["taps"] == 5e6 * batch + 2e4
+    assert not any("Intervention" in note for note in estimate.notes)
+    off = estimate_memory(shape, ActivationModel((kd, ti)), replace(settings, activation_checkpointing=False))
+    assert off.components["forward/backward"]["activations"] == 9e6 * batch
+
+
 def test_largest_micro_batch(shape, acts):
     settings = Settings(micro_batch=1, seq=S)
     at = {b: estimate_memory(shape, acts, settings, b).per_rank_total_bytes for b in (6, 7, 8)}
@@ -151,7 +194,9 @@ def test_settings_from_the_ds_config():
     s = settings_from_run(run, 4, "cuda")
     assert (s.stage, s.precision, s.micro_batch, s.world_size, s.seq) == (3, "bf16", 8, 4, S)
     assert s.offload_optimizer and not s.offload_param and s.overlap_comm and s.reduce_bucket_size == 1000
-    assert s.teacher_dtype == "bfloat16"  # DeepSpeed casts the partitioned teacher; otherwise it stays fp32
+    assert s.teacher_precision == "fp32" and s.teacher_dtype == "float32"  # not cast: the run's bf16 is the student's
+    cheap = settings_from_run(parse_config(ds_config(3, 8), ["kdqat.model.teacher_precision=bf16"]), 4, "cuda")
+    assert cheap.teacher_precision == "bf16" and cheap.teacher_dtype == "bfloat16"
     with pytest.raises(ConfigError, match="zero_optimization.offload_param"):
         settings_from_run(parse_config(ds_config(2), ["zero_optimization.offload_param.device=cpu"]), 1, "cuda")
 

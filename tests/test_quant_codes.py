@@ -98,11 +98,14 @@ def test_saved_tensors_are_codes_and_gradients_are_unchanged(monkeypatch):
     monkeypatch.setattr(codes_module._CodeSaver, "pack", spy)
     linear(x).square().sum().backward()
     grads = (x.grad.clone(), linear.weight.grad.clone(), linear.bias.grad.clone())
-    assert packed == ["_Saved", "_Saved"]  # the input's and the weight's fake-quantized copies, nothing else
+    # the input's and the weight's fake-quantized copies as codes; anything else saved is a parameter (some
+    # CPU kernels of the linear also save the bias), kept as it is
+    assert packed.count("_Saved") == 2 and set(packed) <= {"_Saved", "Parameter"}
     x.grad = linear.weight.grad = linear.bias.grad = None
+    count = len(packed)
     with fp32_saves():
         linear(x).square().sum().backward()
-    assert len(packed) == 2  # no hook inside fp32_saves
+    assert len(packed) == count  # no hook inside fp32_saves
     for new, old in zip(grads, (x.grad, linear.weight.grad, linear.bias.grad)):
         assert torch.equal(new, old)
 

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     checkpointing = parser.add_mutually_exclusive_group()
     checkpointing.add_argument("--activation_checkpointing", dest="activation_checkpointing", action="store_true",
                                default=None, help="estimate with activation checkpointing (default: the config's "
-                                                  "kdqat.train.activation_checkpointing when it has one, else off)")
+                                                  "kdqat.train.activation_checkpointing, default off)")
     checkpointing.add_argument("--no_activation_checkpointing", dest="activation_checkpointing",
                                action="store_false")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")

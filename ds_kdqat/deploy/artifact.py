@@ -68,25 +68,45 @@ def check_task(task: Any, source: str) -> dict:
     return task
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def export_student(model: nn.Module, out_dir: Union[str, os.PathLike], *, task: dict,
                    preprocessing: Optional[Any] = None, source_folder: Optional[Union[str, os.PathLike]] = None,
-                   ternary_packing: TernaryPacking = "2bit") -> SizeReport:
+                   ternary_packing: TernaryPacking = "2bit") -> Optional[SizeReport]:
     """Write the self-contained export of quantized ``model`` (see the module docstring) to ``out_dir``.
 
     ``task``: :func:`task_description`. The tokenizer (or image processor) comes from ``preprocessing`` (an
     object with ``save_pretrained``) or is copied from ``source_folder`` (a saved student or teacher folder).
-    A model partitioned by ZeRO-3 is gathered first.
+
+    A model partitioned by ZeRO-3 (a DeepSpeed engine or its module, parameters offloaded to the host or not) is
+    exported from its gathered parameters (:func:`ds_kdqat.training.zero.gathered`), nothing read from disk: then
+    the call is collective, every rank of the group makes it, and rank 0 alone writes ``out_dir`` and returns the
+    :class:`SizeReport` (the other ranks return None).
     """
-    from ds_kdqat.models.families import adapter_for
-    from ds_kdqat.training.zero import gathered
+    from ds_kdqat.training.zero import gathered, is_partitioned
 
     check_task(task, "task")
-    out = os.fspath(out_dir)
+    module = getattr(model, "module", model)
+    partitioned = is_partitioned(module)
+    with gathered(module):  # every rank at the same point, before any file is touched
+        if partitioned and _rank() != 0:
+            return None
+        return _write_export(module, os.fspath(out_dir), task, preprocessing, source_folder, ternary_packing)
+
+
+def _write_export(module: nn.Module, out: str, task: dict, preprocessing: Optional[Any],
+                  source_folder: Optional[Union[str, os.PathLike]], ternary_packing: TernaryPacking) -> SizeReport:
+    """:func:`export_student` of a whole (or gathered) ``module``."""
+    from ds_kdqat.models.families import adapter_for
+
     tmp = temp_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        module = getattr(model, "module", model)
         config = copy.deepcopy(module.config)  # the caller's model keeps its own
         config.architectures = [type(module).__name__]
         if task["labels"]:
@@ -101,9 +121,7 @@ def export_student(model: nn.Module, out_dir: Union[str, os.PathLike], *, task: 
                     shutil.copy2(os.path.join(source_folder, name), os.path.join(tmp, name))
         described = {"family": adapter_for(module).family, "architecture": type(module).__name__,
                      "num_parameters": sum(p.numel() for p in module.parameters())}
-        with gathered(module):
-            report = export_packed(module, tmp, ternary_packing=ternary_packing,
-                                   extra={"task": task, "model": described})
+        report = export_packed(module, tmp, ternary_packing=ternary_packing, extra={"task": task, "model": described})
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

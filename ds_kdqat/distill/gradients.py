@@ -18,9 +18,12 @@ Some parameters are left without gradient on purpose; :func:`frozen_on_purpose` 
 Works under every ZeRO stage: a ZeRO-3 partitioned parameter is still the leaf its module's forward used (its
 data is gathered in place), so its ``AccumulateGrad`` node is in the graph — checked on CPU with DeepSpeed 0.19
 at stages 2 and 3. Two cases cannot be judged and :func:`graph_check_possible` / :func:`phase_gradient_report`
-say so (the engine then skips the check with a DEBUG note): activation checkpointing (the recomputed segments
-are not in the forward's graph) and a graph that reaches no trainable parameter at all (whatever the reason,
-e.g. a partitioning scheme that hides the parameters: rather no verdict than a false alarm).
+say so (the engine then skips the check with a DEBUG note): reentrant activation checkpointing (its segments run
+without autograd in the forward and are graphed only in the backward) and a graph that reaches no trainable
+parameter at all (whatever the reason, e.g. a partitioning scheme that hides the parameters: rather no verdict than
+a false alarm). The non-reentrant checkpointing of ``kdqat.train.activation_checkpointing``
+(:mod:`ds_kdqat.models.checkpointing`) builds the whole graph in the forward and only drops its saved tensors;
+the walk reads no saved tensor, so it triggers no recomputation and judges exactly as without checkpointing.
 """
 
 from __future__ import annotations
@@ -100,12 +103,12 @@ def frozen_on_purpose(phase, model: nn.Module) -> dict[str, str]:
 
 def graph_check_possible(model: nn.Module) -> Optional[str]:
     """None when :func:`unreached_parameters` can judge ``model`` (a module or a DeepSpeed engine) from its
-    forward's graph, else why not (activation checkpointing)."""
-    inner = getattr(model, "module", model)
-    name = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    if bool(getattr(inner, name, False)):
-        return "activation checkpointing recomputes parts of the forward outside its graph"
+    forward's graph, else why not (reentrant activation checkpointing)."""
+    from ds_kdqat.models.checkpointing import layer_checkpointing
+
+    kwargs = layer_checkpointing(getattr(model, "module", model))
+    if kwargs is not None and kwargs.get("use_reentrant") is not False:
+        return "reentrant activation checkpointing builds the layers' graph only in the backward"
     return None
 
 

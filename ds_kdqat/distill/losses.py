@@ -17,6 +17,10 @@ How padding is treated (padding never counts):
   least one real token (every sequence weighs the same).
 * logits: (B, C) have no padding; for token-level logits (B, S, C) pass ``attention_mask`` and the mean is
   over real tokens instead of over the batch.
+
+Precision: the functions compute in their inputs' dtype; the objectives (:mod:`ds_kdqat.distill.recipes`,
+the supervised ones in :mod:`ds_kdqat.distill.phases`) give them float32 tensors
+(:mod:`ds_kdqat.distill.precision`), so the losses of a bf16/fp16 run are computed in fp32.
 """
 
 from __future__ import annotations
@@ -110,8 +114,10 @@ def attention_map_kl(
 
     ``student_map``, ``teacher_map``: (B, H, S, S) attention maps (rows sum to one over real keys).
     With temperature τ ≠ 1 each row is re-tempered over the real keys, p ↦ p^(1/τ) / Σ_j p_j^(1/τ)
-    (= softmax(score/τ)); τ = 1 uses the maps as they are (the masked softmax makes each row sum to one
-    over the real keys, with 0 at padded keys). No τ² factor is applied. The teacher map is a target:
+    (= softmax(score/τ)); τ = 1 uses the student's map as it is and the teacher's renormalised over the real
+    keys, t ↦ t / Σ_{j real} t_j (the masked softmax makes each row sum to one over the real keys, with 0 at
+    padded keys, up to the rounding of the map's dtype: bf16 maps are off by up to ~2^-8, which would bias the KL
+    at first order). No τ² factor is applied. The teacher map is a target:
     no gradient flows into it.
     KL_bhi = Σ_{j real} t_bhij (log t_bhij − log s_bhij); probabilities are floored at the smallest normal
     float before the log, so an underflowed entry gives a large but finite term (never inf/nan).
@@ -126,10 +132,14 @@ def attention_map_kl(
     key_mask = keys[:, None, None, :]  # (B, 1, 1, S)
     tiny = torch.finfo(student_map.dtype).tiny
     if temperature == 1.0:
-        # maps from the masked softmax already sum to one over the real keys and are 0 at padded keys: use them
-        # as they are (teacher mass on padded keys, if any, is dropped); few (B, H, S, S) temporaries
+        # maps from the masked softmax sum to one over the real keys and are 0 at padded keys: the student's is
+        # used as it is; the teacher's row is renormalised over the real keys (teacher mass on padded keys, if
+        # any, is dropped), since a map rounded to bf16 sums to one only within ~2^-8 and that remainder would add
+        # a first-order bias to the KL (for an fp32 map it changes the value by float rounding only); few
+        # (B, H, S, S) temporaries
         with torch.no_grad():
             teacher = teacher_map * key_mask
+            teacher = teacher / teacher.sum(-1, keepdim=True).clamp_min(tiny)
             log_teacher = torch.log(teacher.clamp_min(tiny))
         terms = teacher * (log_teacher - torch.log(student_map.clamp_min(tiny)))
     else:

@@ -22,6 +22,7 @@ from ds_kdqat.models.taps import EncoderTaps
 
 from .config import ConvergenceConfig, DistillConfig
 from .losses import ground_truth_cross_entropy, ground_truth_mse, span_cross_entropy
+from .precision import float32
 from .recipes import build_objective
 from .schedule import (PhaseSpan, build_interventions, find_span, is_kd_phase, is_ti_phase, lr_segments,
                        plan_training, replan, stage_index, teacher_record)
@@ -75,13 +76,15 @@ def phase_at(phases: Sequence[Phase], step: int) -> Phase:
 
 
 class SupervisedObjective:
-    """Cross-entropy (classification) or MSE (regression) against the gold labels; used to fine-tune."""
+    """Cross-entropy (classification) or MSE (regression) against the gold labels; used to fine-tune. Computed
+    in fp32 (the logits are cast), as the KD terms are."""
 
     def __init__(self, regression: bool):
         self.regression = regression
 
     def __call__(self, student: EncoderTaps, teacher: Optional[EncoderTaps], labels: torch.Tensor):
-        loss = (ground_truth_mse if self.regression else ground_truth_cross_entropy)(student.logits, labels)
+        criterion = ground_truth_mse if self.regression else ground_truth_cross_entropy
+        loss = criterion(float32(student.logits), labels)
         return loss, {"ground_truth": loss.detach(), "total": loss.detach()}
 
 
@@ -89,7 +92,7 @@ class SpanSupervisedObjective:
     """Extractive QA: the mean of the start and end cross-entropies against the gold positions (B, 2)."""
 
     def __call__(self, student: EncoderTaps, teacher: Optional[EncoderTaps], labels: torch.Tensor):
-        loss = span_cross_entropy(student.logits, labels, student.attention_mask)
+        loss = span_cross_entropy(float32(student.logits), labels, student.attention_mask)
         return loss, {"ground_truth": loss.detach(), "total": loss.detach()}
 
 

@@ -28,6 +28,7 @@ ti_gradual     ``ti_mha_output``; ``ti_map``: ``ti_attention_map``; see :mod:`ds
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Literal, Optional
 
 import torch
@@ -35,6 +36,7 @@ import torch
 from ds_kdqat.errors import ConfigError
 from ds_kdqat.models.taps import EncoderTaps
 
+from .precision import fp32_term
 from .terms import TERMS, Term, TermContext, intervention_terms
 
 if TYPE_CHECKING:
@@ -128,6 +130,10 @@ def term_coefficients(config: "DistillConfig") -> dict[str, float]:
     return {term: value for term, value in weighted.items() if value != 0.0}
 
 
+def _call_term(loss, ctx: TermContext, student, teacher):
+    return loss(student, teacher, ctx)
+
+
 class DistillObjective:
     """The KD loss of one recipe over student and teacher taps.
 
@@ -165,15 +171,18 @@ class DistillObjective:
 
     def term_value(self, term: str, student: EncoderTaps, teacher: Optional[EncoderTaps],
                    labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """The unweighted value of ``term``."""
+        """The unweighted value of ``term``, computed in fp32 whatever the student's dtype (DeepSpeed bf16/fp16)
+        and the teacher's (``kdqat.model.teacher_precision``): :func:`~ds_kdqat.distill.precision.fp32_term` (fp32
+        taps are used as they are)."""
         spec = self.terms[term]
         if spec.needs_labels and labels is None:
             raise ValueError(f"term {term!r} (weights.{term} > 0) needs labels")
         ctx = TermContext(student.attention_mask, labels, self.task_type, self.temperature, self.map_temperature)
+        loss = partial(_call_term, spec.loss, ctx)
         if not spec.per_layer:
-            return spec.loss(getattr(student, spec.tap), None if teacher is None else getattr(teacher, spec.tap), ctx)
+            return fp32_term(loss, getattr(student, spec.tap), None if teacher is None else getattr(teacher, spec.tap))
         layers = self.term_layers.get(term, self.layers)
-        return sum(spec.loss(student.get(spec.tap, i), teacher.get(spec.tap, i), ctx)
+        return sum(fp32_term(loss, student.get(spec.tap, i), teacher.get(spec.tap, i))
                    for i in spec.indices(layers, self.include_embedding))
 
     def __call__(self, student: EncoderTaps, teacher: Optional[EncoderTaps],

@@ -71,7 +71,7 @@ def estimate_run(run, world_size: int = 1, device: str = "cuda", gpu_memory: Opt
 
     The model is ``shape_flags`` when given, else ``model`` (a folder, hub id or ``embedded:…``), else the
     config's ``kdqat.model.teacher``. ``seq`` overrides ``kdqat.data.max_seq_length``;
-    ``activation_checkpointing`` (None: the config's ``kdqat.train.activation_checkpointing`` when it has one).
+    ``activation_checkpointing`` (None: the config's ``kdqat.train.activation_checkpointing``).
     """
     from ..data.description import task_spec
 
@@ -116,7 +116,7 @@ def estimate_run(run, world_size: int = 1, device: str = "cuda", gpu_memory: Opt
               "gradient_accumulation_steps": settings.accumulation, "zero_stage": settings.stage,
               "precision": settings.precision, "offload_optimizer": settings.offload_optimizer,
               "offload_param": settings.offload_param, "optimizer": settings.optimizer,
-              "partition_teacher": settings.partition_teacher,
+              "partition_teacher": settings.partition_teacher, "teacher_precision": settings.teacher_precision,
               "activation_checkpointing": settings.activation_checkpointing,
               "recipe": cfg.distill.recipe, "quant_preset": cfg.quant.preset, "task_type": task_type}
     return RunEstimate(shape, source, estimate, gpu_memory, best, recs or [], inputs)

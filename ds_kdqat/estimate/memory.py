@@ -19,9 +19,13 @@ gradient partition            ZeRO-2: ``w·P/N``; ZeRO-3: ``w_g·P/N`` (kept bet
 ZeRO buckets                  contiguous-gradient buckets of ``reduce_bucket_size`` elements (×2 with
                               ``overlap_comm`` at stages 1-2): on CUDA reserved whole, on CPU only the
                               touched ``min(P, bucket)`` elements count
-teacher weights               replicated ``4·P`` (the teacher is never cast: fp32 even in a bf16 run), or
-                              under ZeRO-3 with ``kdqat.model.partition_teacher`` its own engine's
-                              ``w·(P/N + persistent)`` (see :mod:`ds_kdqat.engine`)
+teacher weights               ``t·P`` replicated, or under ZeRO-3 with ``kdqat.model.partition_teacher`` its
+                              own engine's ``t·(P/N + persistent)`` (none of ``P/N`` with ``offload_param``),
+                              where ``t`` is 4 with ``kdqat.model.teacher_precision: "fp32"`` (also in a
+                              bf16/fp16 run) and 2 with ``"bf16"``; ``"int8_dynamic"`` (replicated only):
+                              ``1·P_lin + 4·(P − P_lin)``, ``P_lin`` the ``nn.Linear`` weight elements (int8
+                              codes; biases, embeddings and LayerNorms stay fp32; see
+                              :mod:`ds_kdqat.training.teacher`)
 LAT state                     ``4·P_lat`` (second moment ``v``, or the first step's gradient accumulator) +
                               ``4·P_lat`` more with ``lat.second_moment: "own"`` (accumulator and ``v``)
 fixed overhead                CPU: the process (:data:`CPU_PROCESS_OVERHEAD`); CUDA: the context
@@ -35,8 +39,13 @@ Phases, whose largest total is the estimate (``per_rank_total_bytes``):
   and a backward workspace of one layer's activations. The end of the forward holds activations + quantized
   copies + taps (+ the gradients when accumulating over micro batches); the backward frees a layer's activations
   as it makes its gradients, so it holds ``max(activations + quantized copies, gradients)`` + the workspace.
-  With activation checkpointing: each layer's input ``B·S·D·w`` + one layer's activations and quantized copies
-  (recomputed) + all taps (standard formula).
+  With activation checkpointing (``kdqat.train.activation_checkpointing``, :mod:`ds_kdqat.models.checkpointing`):
+  each layer's input ``B·S·D·w`` + one layer's activations and quantized copies (recomputed in the backward;
+  at the end of the forward this share stands for what is kept outside the layers: embeddings, head, losses)
+  + all taps (``taps_all``: the teacher's and student's taps, which the forward keeps in any case; in a
+  Teacher-Intervention phase the intervened teacher tensors are among them and are held until their layer's
+  backward). On CPU, for a 4-layer hidden-256 BERT at B=8, S=128 (ternarybert, TI-M), the figures match the
+  measured step (bench/bench_checkpointing.py) to the same degree with and without checkpointing.
 * ``optimizer step``: gradients (stage 0-1 whole, ``w_g·P``), ZeRO-1/2's fp32 gradient partition ``4·P/N``,
   the optimizer's temporary (BertAdam/Adafactor per tensor: its largest tensor; AdamW on CUDA is ``foreach``:
   one fp32 copy of all it updates), stage 0's flat all-reduce bucket ``w_g·min(P, 5e8)``, bf16/fp16 stage 0's
@@ -46,6 +55,8 @@ Phases, whose largest total is the estimate (``per_rank_total_bytes``):
 * ``end of run``: the best student is reloaded (fp32, ``4·P``) with its cached quantized weights (``4·P_q``) for
   the final evaluation and export, next to everything resident, plus one layer's activations; on CPU also the
   packed export and its int8 evaluation (:data:`CPU_EXPORT_WORKSPACE`) and ZeRO-1/2's last gradient buckets.
+  (With ``teacher_precision`` other than fp32 the fp32 teacher is loaded again just before, ``4·P`` in place of
+  the released KD teacher, for its dev metrics: less than this phase, so not a phase of its own.)
 
 Allowances: CUDA's caching allocator keeps freed blocks (fragmentation): :data:`CUDA_ALLOCATOR_SLACK` of the
 phase total. CPU figures are for ranks run with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then returns large freed
@@ -58,7 +69,6 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
-from ..distill.schedule import is_ti_phase
 from ..errors import ConfigError
 from .shape import ModelShape
 from .trace import ActivationModel
@@ -115,6 +125,7 @@ class Settings:
     offload_param: bool = False
     optimizer: str = "bertadam"
     partition_teacher: bool = True
+    teacher_precision: str = "fp32"
     activation_checkpointing: bool = False
     reduce_bucket_size: int = 500_000_000
     overlap_comm: bool = False
@@ -137,7 +148,14 @@ class Settings:
 
     @property
     def teacher_dtype(self) -> str:
-        return self.dtype_name if self.teacher_partitioned else "float32"
+        """The dtype of the teacher's taps: bfloat16 for a bf16 teacher, float32 otherwise (an int8_dynamic
+        teacher's linears return float32)."""
+        return "bfloat16" if self.teacher_precision == "bf16" else "float32"
+
+    @property
+    def teacher_weight_bytes(self) -> int:
+        """Bytes of one teacher weight in fp32/bf16 (``int8_dynamic`` is counted per kind of weight instead)."""
+        return 2 if self.teacher_precision == "bf16" else 4
 
     @property
     def dtype_name(self) -> str:
@@ -164,9 +182,8 @@ def settings_from_run(run, world_size: int, device: str, seq: Optional[int] = No
         "enabled") else "fp32"
     stage = run.zero_stage
     grad_accum = str((ds.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
-    configured_ckpt = getattr(run.kdqat.train, "activation_checkpointing", None)
     if activation_checkpointing is None:
-        activation_checkpointing = bool(configured_ckpt)
+        activation_checkpointing = run.kdqat.train.activation_checkpointing
     offload_optimizer = _offload_device(zero.get("offload_optimizer"), "zero_optimization.offload_optimizer")
     offload_param = _offload_device(zero.get("offload_param"), "zero_optimization.offload_param")
     if offload_param and stage != 3:
@@ -188,7 +205,8 @@ def settings_from_run(run, world_size: int, device: str, seq: Optional[int] = No
         seq=int(seq if seq is not None else run.kdqat.data.max_seq_length),
         stage=stage, precision=precision, grad_accum_fp32=grad_accum in ("fp32", "float32", "torch.float32"),
         offload_optimizer=offload_optimizer, offload_param=offload_param, optimizer=run.kdqat.train.optimizer,
-        partition_teacher=run.kdqat.model.partition_teacher, activation_checkpointing=activation_checkpointing,
+        partition_teacher=run.kdqat.model.partition_teacher, teacher_precision=run.kdqat.model.teacher_precision,
+        activation_checkpointing=activation_checkpointing,
         reduce_bucket_size=number("reduce_bucket_size", 500_000_000),
         overlap_comm=bool(stage == 3 if overlap is None else overlap),
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
@@ -263,11 +281,14 @@ def estimate_memory(shape: ModelShape, acts: ActivationModel, settings: Settings
         buckets = copies * bucket_bytes * _bucket(s.reduce_bucket_size, P, s)
     if s.stage == 3:
         resident["ZeRO buckets"] = buckets  # allocated when the optimizer is built
-    # teacher
+    # teacher (kdqat.model.teacher_precision)
+    t = s.teacher_weight_bytes
     if s.teacher_partitioned:
-        resident["teacher weights"] = w * (0 if offload_param else share) + w * shape.persistent
+        resident["teacher weights"] = t * (0 if offload_param else share) + t * shape.persistent
+    elif s.teacher_precision == "int8_dynamic":
+        resident["teacher weights"] = shape.linear + 4 * (P - shape.linear)
     else:
-        resident["teacher weights"] = 4 * P
+        resident["teacher weights"] = t * P
     resident["LAT state"] = 4 * shape.lat + 4 * shape.lat_own
     if cpu:
         resident["fixed overhead"] = CPU_PROCESS_OVERHEAD
@@ -276,9 +297,6 @@ def estimate_memory(shape: ModelShape, acts: ActivationModel, settings: Settings
 
     # forward/backward: the worst of the recipe's phases
     full_grads = wg * P if s.stage in (0, 1) else 0
-    if s.activation_checkpointing and any(is_ti_phase(p.phase) for p in acts.phases):
-        notes.append("Teacher-Intervention phases cannot run with activation checkpointing (the recomputed forward "
-                     "would not see the teacher's tensors): they are estimated without it")
     train = max((_forward_backward(p, shape, s, batch, full_grads) for p in acts.phases),
                 key=lambda parts: sum(parts.values()))
     workspace = max(p.saved_per_example for p in acts.phases) * batch / max(1, shape.layers)
@@ -338,7 +356,7 @@ def estimate_memory(shape: ModelShape, acts: ActivationModel, settings: Settings
 def _forward_backward(phase, shape: ModelShape, s: Settings, batch: int, full_grads: int) -> dict[str, float]:
     """The parts of one recipe phase's forward/backward peak (see the module docstring)."""
     layers = max(1, shape.layers)
-    if s.activation_checkpointing and not is_ti_phase(phase.phase):
+    if s.activation_checkpointing:
         inputs = layers * batch * shape.seq * shape.hidden * s.weight_bytes  # every layer's input
         activations = inputs + phase.saved_per_example * batch / layers  # + one layer recomputed
         quantized = phase.saved_fixed / layers

@@ -59,7 +59,8 @@ def to_table(result: RunEstimate) -> str:
         f"model      {result.model_source}: {model.describe()}",
         f"run        {inputs['ds_config']}: recipe {inputs['recipe']}, quant {inputs['quant_preset']}, "
         f"optimizer {s.optimizer}",
-        f"setting    {s.world_size} rank(s) on {s.device}, ZeRO-{s.stage}, {s.precision}, offload "
+        f"setting    {s.world_size} rank(s) on {s.device}, ZeRO-{s.stage}, {s.precision}, teacher "
+        f"{s.teacher_precision}{' partitioned' if s.teacher_partitioned else ''}, offload "
         f"{offload or 'none'}, activation checkpointing {'on' if s.activation_checkpointing else 'off'}, "
         f"micro batch {s.micro_batch} × seq {s.seq}, accumulation {s.accumulation}",
         "",

@@ -111,7 +111,9 @@ class ModelShape:
     parameters at or below ZeRO-3's ``param_persistence_threshold`` (kept whole on every rank; computed for the
     threshold given to :func:`model_shape`); ``partition_numel``: Σ ⌈numel / world⌉ (ZeRO-3's per-rank share);
     ``layers``, ``hidden``, ``heads``, ``head_dim``, ``ffn``: the encoder's shape; ``family``; ``model_type``;
-    ``seq``: tokens per example the layers see (for images: patches + [CLS]); ``pixels``: image input.
+    ``seq``: tokens per example the layers see (for images: patches + [CLS]); ``pixels``: image input;
+    ``linear``: weight elements of the teacher's ``nn.Linear`` modules (what ``teacher_precision: "int8_dynamic"``
+    quantizes, :func:`ds_kdqat.training.teacher.linear_weight_count`).
     """
 
     family: str
@@ -132,6 +134,7 @@ class ModelShape:
     seq: int
     pixels: bool
     config: Any = None
+    linear: int = 0
 
     def describe(self) -> str:
         inputs = f"{self.seq} positions (patches + [CLS])" if self.pixels else f"vocab {self.vocab}"
@@ -183,6 +186,7 @@ def model_shape(config, seq: int, quant: Any, num_labels: int = 2, task_type: st
     from ..models.families import adapter_for_config
     from ..quant import quantize_model
     from ..quant.modules import QUANT_MODULE_TYPES
+    from ..training.teacher import linear_weight_count
 
     try:
         adapter = adapter_for_config(config)
@@ -192,6 +196,7 @@ def model_shape(config, seq: int, quant: Any, num_labels: int = 2, task_type: st
     config = task_config(config, num_labels, task_type)
     with torch.device("meta"):
         model = build_task_model(config, task_type)
+    linear = linear_weight_count(model)  # the teacher's, before the student's linears are converted
     quantize_model(model, quant)
     sizes = [p.numel() for p in model.parameters()]
     quantized = lat = lat_own = 0
@@ -213,4 +218,4 @@ def model_shape(config, seq: int, quant: Any, num_labels: int = 2, task_type: st
                       persistent=sum(n for n in sizes if n <= persistence_threshold),
                       partition_numel=sum(-(-n // world_size) for n in sizes),
                       layers=layers, hidden=hidden, heads=heads, head_dim=head_dim, ffn=ffn, vocab=vocab, seq=seq,
-                      pixels=pixels, config=config)
+                      pixels=pixels, config=config, linear=linear)

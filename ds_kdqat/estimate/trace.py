@@ -119,8 +119,11 @@ def _tensors(taps) -> list:
 
 def _graph_storages(roots, params: set[int]) -> dict[int, int]:
     """{storage address: bytes} of every tensor the autograd graph behind ``roots`` (tensors) keeps for its
-    backward (``_saved_*`` of built-in nodes, ``saved_tensors`` of custom functions), parameters excluded."""
+    backward (``_saved_*`` of built-in nodes, ``saved_tensors`` of custom functions), parameters excluded; a
+    fake-quantized tensor kept as its codes counts the codes' bytes (:func:`~ds_kdqat.quant.codes.kept_bytes`)."""
     import torch
+
+    from ..quant.codes import kept_bytes
 
     found: dict[int, int] = {}
 
@@ -128,7 +131,7 @@ def _graph_storages(roots, params: set[int]) -> dict[int, int]:
         if isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
             if storage.data_ptr() not in params:
-                found[storage.data_ptr()] = storage.nbytes()
+                found[storage.data_ptr()] = kept_bytes(storage)  # tensors kept as int8 codes: their codes
         elif isinstance(value, (tuple, list)):
             for item in value:
                 add(item)
@@ -194,6 +197,7 @@ def _measure(config, family: str, pixels: bool, seq: int, batches, phases_of, qu
 
 def _measure_phases(teacher, student, batch_inputs, phases, params: set[int]) -> dict[str, list[float]]:
     from ..distill.step import kd_forward
+    from ..quant.codes import tracing_saved_codes
 
     results = {}
     for phase in phases:
@@ -206,9 +210,10 @@ def _measure_phases(teacher, student, batch_inputs, phases, params: set[int]) ->
             return _inner(student_taps, teacher_taps, labels)
 
         traced = dataclasses.replace(phase, objective=objective)
-        loss, _ = kd_forward(teacher, student, batch_inputs, traced)
-        full = _graph_storages([loss], params)
-        del loss
+        with tracing_saved_codes():
+            loss, _ = kd_forward(teacher, student, batch_inputs, traced)
+            full = _graph_storages([loss], params)
+            del loss
         forward, taps = seen["forward"], seen["taps"]
         extra = {**full, **taps}
         loss_only = {key: n for key, n in full.items() if key not in forward}

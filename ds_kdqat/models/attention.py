@@ -43,7 +43,12 @@ KDQAT_ATTENTION = "kdqat"
 
 
 class TapSession(Protocol):
-    """What the attention function talks to while taps or interventions are active."""
+    """What the attention function talks to while taps or interventions are active.
+
+    A session may also have ``replaying()``, called when a checkpointed layer runs (activation checkpointing,
+    :mod:`ds_kdqat.models.checkpointing`): it returns the context manager the layer's recomputation runs in later,
+    with the same replacements and no recording, holding what the replacements need and not the recorded tensors.
+    A session without it is replayed by a view of it that records nothing."""
 
     def record(self, layer: int, name: str, tensor: torch.Tensor) -> None:
         """Receive tensor ``name`` of layer ``layer``."""

@@ -30,10 +30,16 @@ Interventions (Teacher Intervention): per layer, the student's ``attention_map``
 ``mha_output`` (TI-O) is replaced by a given tensor, detached, so no gradient flows back through the
 replaced value; everything downstream runs and trains as usual. The tap of an intervened point holds the
 student's *own* tensor (computed before the replacement), so a loss can still be put on it.
+
+Activation checkpointing: with :func:`~.checkpointing.enable_activation_checkpointing` the layers' forwards are
+recomputed in the backward; the recomputation replays the session (:meth:`_Recorder.replaying`: the same
+interventions, nothing recorded; the recorded taps are not kept for it), so taps and gradients are those of the run without checkpointing. Checkpointing
+set up otherwise is refused where it would be wrong (reentrant with taps inside the layers; interventions).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterable, Mapping, Optional
 
@@ -139,13 +145,19 @@ class Interventions:
 
 
 class _Recorder:
-    """TapSession for the attention function plus the storage the module hooks write into."""
+    """TapSession for the attention function plus the storage the module hooks write into.
+
+    ``adapter``/``layer_modules``: the model's, for :meth:`replaying` (activation checkpointing)."""
 
     def __init__(self, record: frozenset[str], layers: Optional[frozenset[int]], num_layers: int,
-                 interventions: Optional[Interventions]):
+                 interventions: Optional[Interventions], adapter: Optional[FamilyAdapter] = None,
+                 layer_modules: Optional[list[nn.Module]] = None):
         self.record_names = record
         self.layers = layers
+        self.num_layers = num_layers
         self.interventions = interventions or Interventions()
+        self.adapter = adapter
+        self.layer_modules = layer_modules or []
         self.taps = EncoderTaps()
         for name in PER_LAYER_TAPS:
             if name in record:
@@ -172,6 +184,35 @@ class _Recorder:
         if tensor is not None:
             _check_shape(tensor, self._last_shape[(layer, name)], layer, name)
         return tensor
+
+    def replaying(self) -> "_Replay":
+        """The context of a later recomputation of part of this forward (activation checkpointing,
+        :mod:`ds_kdqat.models.checkpointing`): the same interventions, nothing recorded. It holds the interventions
+        and where to hook them, not the recorded taps."""
+        return _Replay(self.num_layers, self.interventions, self.adapter, self.layer_modules)
+
+
+class _Replay:
+    """While entered: a session with ``interventions`` and no recording is active, and the MHA-output hooks of
+    ``interventions`` are installed (re-entrant: a recomputation may run once per backward)."""
+
+    def __init__(self, num_layers: int, interventions: Interventions, adapter: Optional[FamilyAdapter],
+                 layer_modules: list[nn.Module]):
+        self.num_layers, self.interventions = num_layers, interventions
+        self.adapter, self.layer_modules = adapter, layer_modules
+        self._entered: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> None:
+        replay = _Recorder(frozenset(), None, self.num_layers, self.interventions, self.adapter, self.layer_modules)
+        stack = contextlib.ExitStack()
+        if self.adapter is not None:
+            for handle in _install_hooks(replay, self.adapter, self.layer_modules, None):
+                stack.callback(handle.remove)
+        stack.enter_context(active_session(replay))
+        self._entered.append(stack)
+
+    def __exit__(self, *exc) -> bool:
+        return bool(self._entered.pop().__exit__(*exc))
 
 
 def _check_shape(replacement: torch.Tensor, expected: torch.Size, layer: int, name: str) -> None:
@@ -247,11 +288,22 @@ def _ensure_kdqat_attention(model: nn.Module, num_layers: int) -> None:
         use_kdqat_attention(model)
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed is_gradient_checkpointing (deprecated, warns) to is_activation_checkpointing
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
+def _check_checkpointing(model: nn.Module, record: frozenset[str], interventions: Interventions) -> None:
+    """Activation checkpointing set up other than by :func:`~.checkpointing.enable_activation_checkpointing`:
+    reentrant (the layers run without autograd: taps inside them would get no gradient) or without re-entering
+    the tap session (the recomputation would not see the teacher's tensors) is refused where it would be wrong."""
+    from .checkpointing import checkpointing_replays_sessions, layer_checkpointing
+
+    kwargs = layer_checkpointing(model)
+    if kwargs is None or checkpointing_replays_sessions(model):
+        return
+    how = "use ds_kdqat.models.checkpointing.enable_activation_checkpointing (kdqat.train.activation_checkpointing)"
+    if kwargs.get("use_reentrant") is not False and record & set(PER_LAYER_TAPS):
+        raise ValueError("reentrant activation (gradient) checkpointing runs the layers without autograd, so taps "
+                         f"recorded inside them would get no gradient; {how}")
+    if interventions:
+        raise ValueError("interventions cannot be combined with this gradient checkpointing (its recomputed forward "
+                         f"would not see the teacher's tensors); {how}")
 
 
 def _check_interventions(interventions: Interventions, num_layers: int) -> None:
@@ -309,13 +361,11 @@ def forward_with_taps(
     _ensure_kdqat_attention(inner, num_layers)
     interventions = interventions or Interventions()
     _check_interventions(interventions, num_layers)
-    if interventions and inner.training and _checkpointing(inner):
-        # the backward recomputation runs without our hooks and session, i.e. without the intervention
-        raise ValueError("interventions cannot be combined with gradient checkpointing (the recomputed forward "
-                         "would not see the teacher's tensors); disable it for the Teacher-Intervention phases")
+    if inner.training and torch.is_grad_enabled():
+        _check_checkpointing(inner, record, interventions)
     layer_set = None if layers is None else frozenset(int(i) for i in layers)
 
-    recorder = _Recorder(record, layer_set, num_layers, interventions)
+    recorder = _Recorder(record, layer_set, num_layers, interventions, adapter, layer_modules)
     sequence = [] if attention_mask is None else None  # no padding: the mask is all True over layer 0's input
     handles = _install_hooks(recorder, adapter, layer_modules, sequence, adapter.final_norm_module(inner))
     try:

@@ -123,8 +123,42 @@ class _CodeSaver:
     def unpack(saved):
         if not isinstance(saved, _Saved):
             return saved
-        base = saved.codes.values()
+        trace = _TRACE.get()
+        if trace is None:
+            base = saved.codes.values()
+        else:  # one rebuilt tensor per codes object, whose storage the trace counts at the codes' size
+            key = id(saved.codes)
+            if key not in trace:
+                trace[key] = (saved.codes, saved.codes.values())
+            base = trace[key][1]
         return base.as_strided(saved.size, saved.stride, saved.offset)
+
+
+_TRACE: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("kdqat_codes_trace", default=None)
+
+
+@contextlib.contextmanager
+def tracing_saved_codes() -> Iterator[dict]:
+    """For a memory trace that reads a graph's saved tensors back (``node._saved_*``): within the block a tensor
+    kept as codes is rebuilt once per codes object, and :func:`kept_bytes` gives the bytes autograd really keeps
+    for a storage (the codes', for a rebuilt one)."""
+    trace: dict = {}
+    token = _TRACE.set(trace)
+    try:
+        yield trace
+    finally:
+        _TRACE.reset(token)
+
+
+def kept_bytes(storage: torch.UntypedStorage) -> int:
+    """Bytes autograd keeps for ``storage``: its size, or, for a tensor rebuilt from codes inside
+    :func:`tracing_saved_codes`, the codes' size."""
+    trace = _TRACE.get()
+    if trace:
+        for codes, rebuilt in trace.values():
+            if rebuilt.untyped_storage().data_ptr() == storage.data_ptr():
+                return codes.nbytes
+    return storage.nbytes()
 
 
 _SAVE_CODES: contextvars.ContextVar[bool] = contextvars.ContextVar("kdqat_save_codes", default=True)

@@ -14,6 +14,7 @@ symmetric, LSQ) and weight codes without a shift (ternary, binary, symmetric uni
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -64,7 +65,10 @@ class _IntegerLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_st, w_st, bias, x_codes: Codes, w_codes: Codes, x_int: IntTensor, w_form):  # type: ignore[override]
-        ctx.x_codes, ctx.w_codes = x_codes, w_codes  # integer tensors: a quarter of the fp32 copies or less
+        # the integer tensors (a quarter of the fp32 copies or less) go through save_for_backward, so that outer
+        # saved-tensor hooks (activation checkpointing, memory traces) see them; the scales ride along
+        ctx.save_for_backward(x_codes.codes, w_codes.codes)
+        ctx.x_codes, ctx.w_codes = _without_tensor(x_codes), _without_tensor(w_codes)
         ctx.shape = x_st.shape
         ctx.has_bias = bias is not None
         w_t, w_scale, w_sums = w_form
@@ -73,15 +77,22 @@ class _IntegerLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        x_q, w_q = ctx.saved_tensors
         grad2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad2.mm(ctx.w_codes.values()).reshape(ctx.shape)
+            grad_x = grad2.mm(dataclasses.replace(ctx.w_codes, codes=w_q).values()).reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = grad2.t().mm(ctx.x_codes.values().reshape(-1, ctx.shape[-1]))
+            x_hat = dataclasses.replace(ctx.x_codes, codes=x_q).values()
+            grad_w = grad2.t().mm(x_hat.reshape(-1, ctx.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad2.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _without_tensor(codes: Codes) -> Codes:
+    """``codes`` with its integer tensor left out (an empty placeholder): the tensor is saved separately."""
+    return dataclasses.replace(codes, codes=codes.codes.new_empty(0))
 
 
 def integer_linear(x_st: torch.Tensor, w_st: torch.Tensor, bias: Optional[torch.Tensor], x_codes: Codes,

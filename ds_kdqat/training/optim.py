@@ -12,6 +12,16 @@ on its own before the update (``clip_grad_norm_(p, max_grad_norm)``, per paramet
 ``max_grad_norm`` (``kdqat.train/finetune.bertadam_max_grad_norm``), off (0) by default because ds-kdqat clips
 through DeepSpeed's global ``gradient_clipping`` instead. ``bertadam_max_grad_norm: 1.0`` with
 ``gradient_clipping: 0`` is the reference's update.
+
+ZeRO-Offload (``zero_optimization.offload_optimizer.device`` ``"cpu"``/``"nvme"``) keeps the fp32 master
+partition and the optimizer state on the host, where DeepSpeed insists on its own vectorised
+``DeepSpeedCPUAdam`` (a JIT-built C++ op, cached under ``TORCH_EXTENSIONS_DIR``). It computes exactly our two
+Adams: with ``adamw_mode=True`` the decay is decoupled, ``w ← w − lr·wd·w − lr·m̂/(√v̂ + eps)``, with
+``m̂ = m/(1 − β1ᵗ)``, ``v̂ = v/(1 − β2ᵗ)`` under ``bias_correction=True`` (= ``torch.optim.AdamW``) and
+``m̂ = m``, ``v̂ = v`` without (= BertAdam, whose decay term ``lr·wd·w`` uses the weight before the update
+as well); its state keeps ``exp_avg_sq``, so LAT reads it as it reads ours. :func:`build_optimizer` picks it
+with ``cpu_offload=True``; Adafactor and BertAdam's per-parameter clipping have no such counterpart (the
+config refuses both at ZeRO stages 1-3, the only stages that offload).
 """
 
 from __future__ import annotations
@@ -88,12 +98,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(name: str, groups: Iterable[dict], lr: float, betas, eps: float,
-                    bertadam_max_grad_norm: float = 0.0) -> torch.optim.Optimizer:
+                    bertadam_max_grad_norm: float = 0.0, cpu_offload: bool = False) -> torch.optim.Optimizer:
     """``bertadam`` | ``adamw`` | ``adafactor`` over ``groups`` (each carrying its weight decay);
-    ``bertadam_max_grad_norm``: BertAdam's per-parameter clipping (must be 0 for the others)."""
+    ``bertadam_max_grad_norm``: BertAdam's per-parameter clipping (must be 0 for the others).
+    ``cpu_offload``: the optimizer state lives on the host (ZeRO-Offload): the same update by DeepSpeed's
+    ``DeepSpeedCPUAdam`` (see the module docstring)."""
     groups = list(groups)
     if bertadam_max_grad_norm and name != "bertadam":
         raise ValueError(f"per-parameter gradient clipping is BertAdam's; got {bertadam_max_grad_norm} for {name}")
+    if cpu_offload:
+        return _cpu_adam(name, groups, lr, betas, eps, bertadam_max_grad_norm)
     if name == "bertadam":
         return BertAdam(groups, lr=lr, betas=betas, eps=eps, max_grad_norm=bertadam_max_grad_norm)
     if name == "adamw":
@@ -101,6 +115,20 @@ def build_optimizer(name: str, groups: Iterable[dict], lr: float, betas, eps: fl
     if name == "adafactor":
         return torch.optim.Adafactor(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; allowed: bertadam, adamw, adafactor")
+
+
+def _cpu_adam(name: str, groups: list[dict], lr: float, betas, eps: float, max_grad_norm: float):
+    """DeepSpeedCPUAdam computing ``name``'s update (BertAdam: no bias correction; AdamW: with it)."""
+    if name not in ("bertadam", "adamw"):
+        raise ValueError(f"ZeRO-Offload runs DeepSpeed's CPU Adam; {name!r} has no CPU counterpart (use bertadam or "
+                         "adamw)")
+    if max_grad_norm:
+        raise ValueError("BertAdam's per-parameter clipping is not available with ZeRO-Offload (DeepSpeedCPUAdam "
+                         "updates flat partitions)")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0,
+                            bias_correction=name == "adamw", adamw_mode=True)
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_proportion: float,

@@ -49,6 +49,8 @@ LOGGING_ONLY_DEEPSPEED_KEYS = frozenset({
 LOGGING_ONLY_KDQAT_KEYS = frozenset({
     "output_dir", "logging.log_every", "logging.save_every", "logging.keep_checkpoints", "logging.progress",
     "model.local_files_only",
+    # bit-for-bit the same training with less memory: can be switched on to resume a run that ran out of memory
+    "train.activation_checkpointing", "finetune.activation_checkpointing",
 })
 _SHOWN_ENTRIES = 8
 
