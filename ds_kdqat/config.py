@@ -180,6 +180,10 @@ class KdqatConfig:
 _REJECTED_DS_KEYS = {
     "compression_training": "DeepSpeed's compression library was removed in 0.19.7; quantization is "
     "configured in kdqat.quant",
+    "activation_checkpointing": "DeepSpeed's activation checkpointing (deepspeed.checkpointing) is never called "
+    "by the Hugging Face encoders ds-kdqat trains, so this section would change nothing; set "
+    "kdqat.train.activation_checkpointing: true (kdqat.finetune.activation_checkpointing for the teacher's "
+    "fine-tuning) instead",
 }
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from ds_kdqat.models.taps import TAP_NAMES, forward_with_taps
 from ds_kdqat.quant import quantize_model
 from ds_kdqat.quant.lat import lat_quantizers
 from ds_kdqat.quant.modules import QUANT_MODULE_TYPES, ActQuantizer, WeightQuantizer
-from tests.tiny import REPO, make_task_dir, make_tiny_bert, tiny_batch, tiny_bert_classifier, write_config
+from tests.tiny import make_task_dir, make_tiny_bert, tiny_batch, tiny_bert_classifier, write_config
 
 # Per-step KD loss of the bf16 run against the fp32 run, relative. Step 1 runs the same weights, so only the forward
 # is rounded (bf16 keeps 8 significant bits; the losses themselves are fp32): 0.5 % (measured 0.04 %). From then on
@@ -100,10 +99,9 @@ def test_a_quantized_model_in_bf16_computes_in_bf16():
 
 @pytest.fixture(scope="module")
 def one_rank():
-    from tests.tiny import one_rank_group
+    from tests.tiny import offline_one_rank_group
 
-    with one_rank_group(HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))):
+    with offline_one_rank_group():
         yield
 
 

@@ -67,13 +67,19 @@ def test_kdqat_and_the_usual_deepspeed_keys_pass():
     run = parse_config({
         **BASE, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0, "steps_per_print": 10,
         "wall_clock_breakdown": False, "bf16": {"enabled": True}, "csv_monitor": {"enabled": True, "job_name": "a"},
-        "wandb": {"enabled": False}, "activation_checkpointing": {"partition_activations": False},
+        "wandb": {"enabled": False},
         "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
                               "stage3_prefetch_bucket_size": 10, "prefetch_bucket_size": 10,
                               "offload_optimizer": {"device": "cpu", "pin_memory": True}},
         "kdqat": {"seed": 0},
     })
     assert run.zero_stage == 3
+
+
+def test_deepspeeds_activation_checkpointing_section_is_refused_for_ours():
+    error = error_of({**BASE, "activation_checkpointing": {"partition_activations": False}})
+    assert error.path == "activation_checkpointing"
+    assert "kdqat.train.activation_checkpointing: true" in error.message
 
 
 def test_every_shipped_ds_config_and_the_test_config_pass(tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from ds_kdqat.models.taps import TAP_NAMES, forward_with_taps
 from ds_kdqat.quant import quantize_model
 from ds_kdqat.training.teacher import (check_teacher_precision, convert_teacher, linear_weight_count,
                                        teacher_engine_config)
-from tests.tiny import REPO, make_task_dir, make_tiny_bert, tiny_batch, tiny_bert_classifier, write_config
+from tests.tiny import make_task_dir, make_tiny_bert, tiny_batch, tiny_bert_classifier, write_config
 
 # Relative L2 error ‖tap − tap_fp32‖ / ‖tap_fp32‖ allowed per tap. bf16 keeps 8 significant bits (unit roundoff
 # 2^-9 ≈ 0.2 %); a tap of the 2-layer model is the product of ~10 rounded operations (embeddings, three
@@ -173,10 +172,9 @@ def test_the_partitioned_teachers_engine_gets_bf16_only_when_asked():
 
 @pytest.fixture(scope="module")
 def one_rank():
-    from tests.tiny import one_rank_group
+    from tests.tiny import offline_one_rank_group
 
-    with one_rank_group(HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))):
+    with offline_one_rank_group():
         yield
 
 

@@ -152,3 +152,10 @@ def one_rank_group(**env: str):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def offline_one_rank_group():
+    """:func:`one_rank_group` as the DeepSpeed tests use it: offline hub, torch extensions (DeepSpeed's CPU Adam)
+    built into the repository's cache."""
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return one_rank_group(HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=extensions)
