@@ -233,7 +233,13 @@ def _fake_twn(w: torch.Tensor, granularity: str, clip: Optional[float]) -> torch
     """``dequantize_parts(twn_parts(...))`` in fewer passes: ``copysign(α, w)·[|w| > Δ]`` equals ``α·b``
     bit for bit (signed zeros included)."""
     wc, support, alpha = _twn_core(w, granularity, clip)
-    return torch.copysign(alpha, wc).mul_(support).to(w.dtype)
+    return _ternary_value(wc, support, alpha, w.dtype)
+
+
+def _ternary_value(wc: torch.Tensor, support: torch.Tensor, alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``α·b`` as ``copysign(α, w)·support`` (equal bit for bit, signed zeros included), rounded to ``dtype``;
+    ``support`` a bool or 0/1 mask, ``wc`` the (clamped, possibly float32) weight the support was taken from."""
+    return torch.copysign(alpha, wc).mul_(support).to(dtype)
 
 
 def _ternary_codes(x_hat: torch.Tensor, alpha: torch.Tensor) -> Codes:
@@ -247,7 +253,7 @@ def twn_with_codes(w: torch.Tensor, granularity: Granularity = "layer",
                    clip: Optional[float] = None) -> tuple[torch.Tensor, Codes]:
     """:func:`_fake_twn`'s tensor (no autograd) and its int8 codes."""
     wc, support, alpha = _twn_core(w, granularity, clip)
-    x_hat = torch.copysign(alpha, wc).mul_(support).to(w.dtype)
+    x_hat = _ternary_value(wc, support, alpha, w.dtype)
     return x_hat, _ternary_codes(x_hat, alpha)
 
 
@@ -415,7 +421,7 @@ def _fake_lat(
     if second_moment is None:
         return _fake_twn(w, granularity, clip)
     wc, mask, alpha = _lat_solution(w, second_moment, granularity, clip, iters, eps, rows)
-    return torch.copysign(alpha, wc).mul_(mask).to(w.dtype)
+    return _ternary_value(wc, mask, alpha, w.dtype)
 
 
 def _lat_solution(w, second_moment, granularity, clip, iters, eps, rows):
@@ -442,7 +448,7 @@ def lat_with_codes(
     if second_moment is None:
         return twn_with_codes(w, granularity, clip)
     wc, mask, alpha = _lat_solution(w, second_moment, granularity, clip, iters, eps, rows)
-    x_hat = torch.copysign(alpha, wc).mul_(mask).to(w.dtype)
+    x_hat = _ternary_value(wc, mask, alpha, w.dtype)
     return x_hat, _ternary_codes(x_hat, alpha)
 
 
