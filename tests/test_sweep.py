@@ -132,6 +132,17 @@ def test_format_value_round_trips_through_json_overrides():
     assert format_value(True) == "true" and format_value(2) == "2" and format_value(0.5) == "0.5"
 
 
+def test_null_axis_value_sets_the_key_to_null(sweep_file):
+    """``train_file: [null, aug.tsv]`` = without and with: null reaches the trainer as JSON null."""
+    config = load_sweep_config(sweep_file, ["axes.overrides={\"kdqat.data.train_file\": [null, \"aug.tsv\"]}"])
+    points = grid_points(config)
+    assert {p.hparams for p in points} == {(("kdqat.data.train_file", None),), (("kdqat.data.train_file", "aug.tsv"),)}
+    assert points[0].hparams == (("kdqat.data.train_file", None),)
+    sets = [w for w in point_command(config, points[0]) if w.startswith("kdqat.data.train_file=")]
+    assert sets == ["kdqat.data.train_file=null"] and "train-file-null" in points[0].name
+    assert format_value(None) == "null"
+
+
 def test_launcher_prefix(sweep_file):
     config = load_sweep_config(sweep_file, ["launcher=deepspeed --num_accelerators 2 --master_port 29511"])
     command = point_command(config, grid_points(config)[0])

@@ -35,6 +35,8 @@ from ..configtools import apply_overrides, from_dict, to_dict
 from ..errors import ConfigError
 
 Scalar = bool | int | float | str
+# an override axis value; null sets the key to null (e.g. kdqat.data.train_file: [null, aug.tsv] = without / with)
+AxisValue = Optional[Scalar]
 BudgetName = Literal["O", "O2", "O4"]
 
 # what a ds_config path may name of its point (ds_configs/paper/ternarybert_{task}.json)
@@ -64,14 +66,15 @@ class SweepAxes:
     """The grid: every combination of recipe × budget × overrides × task × seed is one run.
 
     ``budgets``: ``"O"``, ``"O2"``, ``"O4"`` (1×, 2×, 4× the base schedule) or a positive multiplier.
-    ``overrides``: dotted config key → the values to sweep (e.g. γ of the unified loss, a KL temperature).
+    ``overrides``: dotted config key → the values to sweep (e.g. γ of the unified loss, a KL temperature); null
+    sets the key to null (``kdqat.data.train_file: [null, train_aug.tsv]`` = without and with a train file).
     """
 
     recipes: list[str] = field(default_factory=lambda: ["ternarybert"])
     tasks: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [42])
     budgets: list[BudgetName | float] = field(default_factory=lambda: ["O"])
-    overrides: dict[str, list[Scalar]] = field(default_factory=dict)
+    overrides: dict[str, list[AxisValue]] = field(default_factory=dict)
 
     def validate(self, path: str = "axes") -> None:
         for name in ("recipes", "tasks", "seeds", "budgets"):

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Scalar, SweepConfig, ds_config_for
+from .config import AxisValue, SweepConfig, ds_config_for
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 
@@ -33,7 +33,7 @@ class GridPoint:
     task: str
     seed: int
     budget: str | float
-    hparams: tuple[tuple[str, Scalar], ...] = ()
+    hparams: tuple[tuple[str, AxisValue], ...] = ()
 
     @property
     def spec(self) -> dict:
@@ -63,7 +63,7 @@ def budget_label(budget: str | float) -> str:
     return budget if isinstance(budget, str) else f"x{budget:g}"
 
 
-def format_value(value: Scalar) -> str:
+def format_value(value: AxisValue) -> str:
     """A value as written on a ``--set`` command line and in names; the trainer reads it back as the same
     JSON value (strings that would parse as JSON, like ``"1"`` or ``"true"``, are quoted)."""
     if isinstance(value, str):
