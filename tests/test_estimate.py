@@ -146,6 +146,9 @@ def test_the_activation_fit_extrapolates_exactly(shape, acts):
     phase = far.phases[0]
     assert phase.saved_per_example * batch + phase.saved_fixed == pytest.approx(measured[0], rel=1e-9)
     assert phase.taps_per_example * batch + phase.taps_fixed == pytest.approx(measured[1], rel=1e-9)
+    # the quantizers' outputs are kept as int8 codes: at their float size the saved tensors are larger
+    assert phase.saved_float_per_example * batch + phase.saved_float_fixed == pytest.approx(measured[3], rel=1e-9)
+    assert measured[3] > 1.5 * measured[0]
 
 
 def test_activation_checkpointing_keeps_less(shape, acts):
@@ -165,18 +168,37 @@ def test_activation_checkpointing_arithmetic_includes_ti_phases(shape):
     kd = PhaseMemory("kd", saved_per_example=8e6, saved_fixed=4e6, taps_per_example=1e6, taps_fixed=0.0,
                      taps_all_per_example=3e6, taps_all_fixed=2e4)
     ti = PhaseMemory("ti_map", saved_per_example=9e6, saved_fixed=4e6, taps_per_example=2e6, taps_fixed=0.0,
-                     taps_all_per_example=5e6, taps_all_fixed=2e4)
+                     taps_all_per_example=5e6, taps_all_fixed=2e4, saved_float_per_example=1e7,
+                     saved_float_fixed=0.0)
     batch = 4
     settings = Settings(micro_batch=batch, seq=S, activation_checkpointing=True)
     estimate = estimate_memory(shape, ActivationModel((kd, ti)), settings)
     parts = estimate.components["forward/backward"]
-    # the TI phase is the larger one: its checkpointed figures are taken
-    assert parts["activations"] == L * batch * S * D * 4 + 9e6 * batch / L
+    # the TI phase is the larger one: its checkpointed figures are taken; the recomputed layer saves floats
+    assert parts["activations"] == L * batch * S * D * 4 + 1e7 * batch / L
     assert parts["quantized weight copies"] == 4e6 / L
     assert parts["taps"] == 5e6 * batch + 2e4
     assert not any("Intervention" in note for note in estimate.notes)
     off = estimate_memory(shape, ActivationModel((kd, ti)), replace(settings, activation_checkpointing=False))
     assert off.components["forward/backward"]["activations"] == 9e6 * batch
+
+
+def test_backward_workspace_counts_rebuilt_floats(shape):
+    """The backward rebuilds a layer's operands kept as int8 codes: its workspace is one layer's saved tensors
+    at float size, per example and fixed (the weights); a model without codes falls back to the saved bytes."""
+    from ds_kdqat.estimate.memory import _backward_workspace
+    from ds_kdqat.estimate.trace import ActivationModel, PhaseMemory
+
+    coded = PhaseMemory("kd", 8e6, 4e6, 1e6, 0.0, 3e6, 2e4, saved_float_per_example=2e7, saved_float_fixed=1.6e7)
+    assert _backward_workspace(coded, shape, 4) == (2e7 * 4 + 1.6e7) / L
+    plain = PhaseMemory("kd", 8e6, 4e6, 1e6, 0.0, 3e6, 2e4)
+    assert _backward_workspace(plain, shape, 4) == (8e6 * 4 + 4e6) / L
+    # without checkpointing the peak is the backward's start: the forward's end (the taps' gradients wait for their
+    # layers) + that workspace (measured: bench/bench_checkpointing.py)
+    parts = estimate_memory(shape, ActivationModel((coded,)), Settings(micro_batch=4, seq=S)).components
+    step = parts["forward/backward"]
+    assert (step["activations"], step["quantized weight copies"], step["taps"]) == (8e6 * 4, 4e6, 1e6 * 4)
+    assert step["backward workspace"] == (2e7 * 4 + 1.6e7) / L
 
 
 def test_largest_micro_batch(shape, acts):

@@ -36,12 +36,15 @@ Phases, whose largest total is the estimate (``per_rank_total_bytes``):
 
 * ``forward/backward``: activations, quantized weight copies and taps (:mod:`.trace`, counted on proxies of the
   model), gradients, ZeRO-3's gathered parameters (``min(P − persistent, largest + stage3_prefetch_bucket_size)``)
-  and a backward workspace of one layer's activations. The end of the forward holds activations + quantized
-  copies + taps (+ the gradients when accumulating over micro batches); the backward frees a layer's activations
-  as it makes its gradients, so it holds ``max(activations + quantized copies, gradients)`` + the workspace.
-  With activation checkpointing (``kdqat.train.activation_checkpointing``, :mod:`ds_kdqat.models.checkpointing`):
-  each layer's input ``B·S·D·w`` + one layer's activations and quantized copies (recomputed in the backward;
-  at the end of the forward this share stands for what is kept outside the layers: embeddings, head, losses)
+  and a backward workspace of one layer's saved tensors at their float size (the backward rebuilds those kept as
+  int8 codes). The end of the forward holds activations + quantized copies + taps (+ the gradients when
+  accumulating over micro batches); the backward frees a layer's activations as it makes its gradients, so it
+  holds ``max(activations + quantized copies, gradients)`` + the taps (the losses' gradients w.r.t. the student's
+  taps, which wait for their layer's backward, are about their size; not with checkpointing) + the workspace. With activation checkpointing
+  (``kdqat.train.activation_checkpointing``, :mod:`ds_kdqat.models.checkpointing`): each layer's input
+  ``B·S·D·w`` + one layer's activations at their float size (a recomputed layer saves floats) and quantized
+  copies (recomputed in the backward; at the end of the forward this share stands for what is kept outside the
+  layers: embeddings, head, losses)
   + all taps (``taps_all``: the teacher's and student's taps, which the forward keeps in any case; in a
   Teacher-Intervention phase the intervened teacher tensors are among them and are held until their layer's
   backward). On CPU, for a 4-layer hidden-256 BERT at B=8, S=128 (ternarybert, TI-M), the figures match the
@@ -299,7 +302,7 @@ def estimate_memory(shape: ModelShape, acts: ActivationModel, settings: Settings
     full_grads = wg * P if s.stage in (0, 1) else 0
     train = max((_forward_backward(p, shape, s, batch, full_grads) for p in acts.phases),
                 key=lambda parts: sum(parts.values()))
-    workspace = max(p.saved_per_example for p in acts.phases) * batch / max(1, shape.layers)
+    workspace = max(_backward_workspace(p, shape, batch) for p in acts.phases)
     if s.stage == 3:  # ZeRO-3 gathers the parameters of the modules it runs, and prefetches
         train["gathered parameters"] = w * min(P - shape.persistent, shape.largest + s.prefetch_bucket_size)
     elif s.stage in (1, 2):
@@ -353,27 +356,37 @@ def estimate_memory(shape: ModelShape, acts: ActivationModel, settings: Settings
                     components=components, settings=replace(s, micro_batch=batch), notes=notes)
 
 
+def _backward_workspace(phase, shape: ModelShape, batch: int) -> float:
+    """One layer's gradient temporaries: its saved tensors at their float size, since the backward rebuilds
+    the operands kept as int8 codes (activations and weights) before using them."""
+    return (phase.rebuilt_per_example * batch + phase.rebuilt_fixed) / max(1, shape.layers)
+
+
 def _forward_backward(phase, shape: ModelShape, s: Settings, batch: int, full_grads: int) -> dict[str, float]:
     """The parts of one recipe phase's forward/backward peak (see the module docstring)."""
     layers = max(1, shape.layers)
     if s.activation_checkpointing:
         inputs = layers * batch * shape.seq * shape.hidden * s.weight_bytes  # every layer's input
-        activations = inputs + phase.saved_per_example * batch / layers  # + one layer recomputed
+        activations = inputs + phase.rebuilt_per_example * batch / layers  # + one layer recomputed (floats)
         quantized = phase.saved_fixed / layers
         taps = phase.taps_all_per_example * batch + phase.taps_all_fixed
     else:
         activations = phase.saved_per_example * batch
         quantized = phase.saved_fixed
         taps = phase.taps_per_example * batch + phase.taps_fixed
-    workspace = phase.saved_per_example * batch / layers  # one layer's gradient temporaries
+    workspace = _backward_workspace(phase, shape, batch)
     forward_end = activations + quantized + taps + (full_grads if s.accumulation > 1 else 0)
-    backward = max(activations + quantized, full_grads) + workspace
+    # Without checkpointing the losses' backward runs first and its gradients w.r.t. the student's taps (about the
+    # taps' size) wait for their layer's backward while the last layer rebuilds its operands (measured: the peak is
+    # the forward's end + one layer's workspace); a checkpointed step's backward peak stays below its forward's end.
+    waiting = 0 if s.activation_checkpointing else taps
+    backward = max(activations + quantized, full_grads) + waiting + workspace
     if forward_end >= backward:
         return {"activations": activations, "quantized weight copies": quantized, "taps": taps,
                 "gradients": full_grads if s.accumulation > 1 else 0}
     share_act = activations + quantized >= full_grads
     return {"activations": activations if share_act else 0, "quantized weight copies": quantized if share_act else 0,
-            "gradients": 0 if share_act else full_grads, "backward workspace": workspace}
+            "taps": waiting, "gradients": 0 if share_act else full_grads, "backward workspace": workspace}
 
 
 def largest_micro_batch(shape: ModelShape, acts: ActivationModel, settings: Settings, budget: int,

@@ -25,7 +25,10 @@ largest):
 * ``taps``: what is alive on top of that when the objective has been computed: the teacher's recorded taps,
   the student's recorded taps that autograd does not keep anyway, and what the losses keep for their backward;
 * ``taps_all``: the teacher's and student's taps and the losses' saved tensors, without subtracting what the
-  forward keeps (what activation checkpointing leaves alive, since it drops the forward's saved tensors).
+  forward keeps (what activation checkpointing leaves alive, since it drops the forward's saved tensors);
+* ``saved_float``: ``saved`` with every tensor counted at its own size, also those kept as int8 codes
+  (:mod:`ds_kdqat.quant.codes`): what the backward rebuilds, one layer at a time, and what a checkpointed layer's
+  recomputation keeps (it saves floats).
 
 The proxies run in the dtypes of the run (student in bf16/fp16 when enabled; the teacher in fp32 unless ZeRO-3
 partitions it, when DeepSpeed casts it too), so fp32 softmax outputs in a bf16 run are counted as such. Where
@@ -46,7 +49,7 @@ from .shape import FAMILY_KEYS, build_task_model
 # (head size, FFN size) of the proxies; with B ∈ {1, 2} they fix the seven coefficients
 PROXY_POINTS = ((1, 1), (2, 1), (1, 2), (2, 2), (3, 1), (1, 3))
 PROXY_BATCHES = (1, 2)
-QUANTITIES = ("saved", "taps", "taps_all")
+QUANTITIES = ("saved", "taps", "taps_all", "saved_float")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,17 @@ class PhaseMemory:
     taps_fixed: float
     taps_all_per_example: float
     taps_all_fixed: float
+    saved_float_per_example: Optional[float] = None  # None: as saved (no tensor kept as codes)
+    saved_float_fixed: Optional[float] = None
+
+    @property
+    def rebuilt_per_example(self) -> float:
+        """Per-example bytes of the saved tensors at their float size (``saved_float``)."""
+        return self.saved_per_example if self.saved_float_per_example is None else self.saved_float_per_example
+
+    @property
+    def rebuilt_fixed(self) -> float:
+        return self.saved_fixed if self.saved_float_fixed is None else self.saved_float_fixed
 
 
 @dataclass(frozen=True)
@@ -117,10 +131,11 @@ def _tensors(taps) -> list:
     return found
 
 
-def _graph_storages(roots, params: set[int]) -> dict[int, int]:
+def _graph_storages(roots, params: set[int], as_kept: bool = True) -> dict[int, int]:
     """{storage address: bytes} of every tensor the autograd graph behind ``roots`` (tensors) keeps for its
-    backward (``_saved_*`` of built-in nodes, ``saved_tensors`` of custom functions), parameters excluded; a
-    fake-quantized tensor kept as its codes counts the codes' bytes (:func:`~ds_kdqat.quant.codes.kept_bytes`)."""
+    backward (``_saved_*`` of built-in nodes, ``saved_tensors`` of custom functions), parameters excluded; with
+    ``as_kept`` a fake-quantized tensor kept as its codes counts the codes' bytes
+    (:func:`~ds_kdqat.quant.codes.kept_bytes`), else its own."""
     import torch
 
     from ..quant.codes import kept_bytes
@@ -131,7 +146,7 @@ def _graph_storages(roots, params: set[int]) -> dict[int, int]:
         if isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
             if storage.data_ptr() not in params:
-                found[storage.data_ptr()] = kept_bytes(storage)  # tensors kept as int8 codes: their codes
+                found[storage.data_ptr()] = kept_bytes(storage) if as_kept else storage.nbytes()
         elif isinstance(value, (tuple, list)):
             for item in value:
                 add(item)
@@ -169,8 +184,8 @@ def _storages(tensors, params: set[int]) -> dict[int, int]:
 
 def _measure(config, family: str, pixels: bool, seq: int, batches, phases_of, quant, task_type: str,
              num_labels: int, student_dtype, teacher_dtype) -> dict[int, dict[str, list[float]]]:
-    """One proxy step per micro batch in ``batches`` and phase: {batch: {phase name: [saved, taps, taps_all]
-    bytes}}, each a set of live storages:
+    """One proxy step per micro batch in ``batches`` and phase: {batch: {phase name: [saved, taps, taps_all,
+    saved_float] bytes}}, each a set of live storages:
     ``forward`` = what the student's graph keeps when the objective starts; ``full`` = what the graph behind the
     loss keeps (forward and losses); ``taps`` = the storages of both forwards' taps (alive until the objective
     returns). saved = forward; taps = (full ∪ taps) − forward; taps_all = taps ∪ (full − forward)."""
@@ -206,6 +221,7 @@ def _measure_phases(teacher, student, batch_inputs, phases, params: set[int]) ->
         def objective(student_taps, teacher_taps, labels, _inner=phase.objective):
             student_tensors = _tensors(student_taps)
             seen["forward"] = _graph_storages(student_tensors, params)
+            seen["forward_float"] = _graph_storages(student_tensors, params, as_kept=False)
             seen["taps"] = _storages(student_tensors + _tensors(teacher_taps), params)
             return _inner(student_taps, teacher_taps, labels)
 
@@ -219,7 +235,8 @@ def _measure_phases(teacher, student, batch_inputs, phases, params: set[int]) ->
         loss_only = {key: n for key, n in full.items() if key not in forward}
         results[phase.name] = [float(sum(forward.values())),
                                float(sum(n for key, n in extra.items() if key not in forward)),
-                               float(sum({**taps, **loss_only}.values()))]
+                               float(sum({**taps, **loss_only}.values())),
+                               float(sum(seen["forward_float"].values()))]
     return results
 
 
@@ -266,8 +283,8 @@ def _fit(config, family, pixels, seq, distill, quant, task_type, num_labels, stu
                                 dtype_s, dtype_t)
             for batch, by_phase in measured.items():
                 rows.append(_features(batch, d, f))
-                for name, triple in by_phase.items():
-                    values.setdefault(name, []).append(triple)
+                for name, quantities in by_phase.items():
+                    values.setdefault(name, []).append(quantities)
         return np.array(rows), values
 
     to_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -288,8 +305,8 @@ def _fit(config, family, pixels, seq, distill, quant, task_type, num_labels, stu
         torch.set_num_threads(threads)
     target = np.array(_features(1, real_d, real_f))
     phases = []
-    for name, triples in values.items():
-        matrix = np.array(triples)
+    for name, measured in values.items():
+        matrix = np.array(measured)
         fitted = []
         for column in range(len(QUANTITIES)):
             coef, *_ = np.linalg.lstsq(rows, matrix[:, column], rcond=None)
