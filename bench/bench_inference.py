@@ -3,11 +3,15 @@
 (a) latency, eval mode, no grad, sequence 128, batch 1, 8 and 32, repetitions interleaved in one run (one
     forward of every backend per round, the median reported), each backend's ratio to fp32 PyTorch:
     fp32 PyTorch (HF's default attention), PyTorch dynamic int8 of the fp32 model (``quantize_dynamic``, every
-    ``nn.Linear``), our fake-quant student, our int8 PyTorch backend, our ONNX Runtime backend (when the
-    ``[deploy]`` extra is installed);
-(b) peak inference memory: each backend in a fresh process, the rise of the resident set from just before
-    loading to the peak after loading and one batch-8 forward (``VmHWM`` − ``VmRSS`` before loading), against
-    fp32's weights-resident memory (the rise from loading the fp32 model);
+    ``nn.Linear``), our fake-quant student, our int8 PyTorch backend (``int8``: one byte per weight code;
+    ``int8_packed2``: ternary codes resident 4 per byte, ``load_student(…, weights="packed2")``;
+    ``int8_compiled``: its element-wise work by compiled kernels, ``load_student(…, compile=True)``, compiled in
+    the warm-up forward of each batch size), our ONNX Runtime backend (when the ``[deploy]`` extra is
+    installed); then ours against dynamic int8;
+(b) peak inference memory: each backend (but ``int8_compiled``: its peak would be the compiler's) in a fresh
+    process, the rise of the resident set from just before loading to the peak after loading and one batch-8
+    forward (``VmHWM`` − ``VmRSS`` before loading), against fp32's weights-resident memory (the rise from
+    loading the fp32 model);
 (c) exported folder size against the fp32 checkpoint (``model.safetensors``), for ``--preset`` and for the
     ``ternarybert_reference`` placement.
 
@@ -15,7 +19,7 @@ The student has random weights quantized by ``--preset`` (latency does not depen
 figures with the date, machine, command and load average in docs/benchmarks.md; run it on an idle machine.
 
 Usage: python bench/bench_inference.py [--reps 5] [--threads 2] [--batches 1,8,32] [--preset ternarybert]
-       [--skip-memory]
+       [--skip-memory] [--backends int8,int8_packed2]   (fp32 is always run: the ratios are to it)
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import torch
 warnings.filterwarnings("ignore")  # torch.ao's deprecation notices: the anchor is what users compare with
 
 SEQ = 128
-BACKENDS = ("fp32", "dynamic_int8", "fakequant", "int8", "onnx")
+BACKENDS = ("fp32", "dynamic_int8", "fakequant", "int8", "int8_packed2", "int8_compiled", "onnx")
+NO_MEMORY = ("int8_compiled",)  # its peak would be the compiler's, not the forward's
 
 
 def _status_kib(field: str) -> int:
@@ -92,6 +97,10 @@ def load_backend(name: str, paths: dict[str, Path]):
     if name == "dynamic_int8":
         fp32 = load_backend("fp32", paths)
         return torch.ao.quantization.quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8)
+    if name == "int8_packed2":
+        return ds_kdqat.load_student(paths["export"], "int8", weights="packed2")
+    if name == "int8_compiled":
+        return ds_kdqat.load_student(paths["export"], "int8", compile=True)
     return ds_kdqat.load_student(paths["export"], name)
 
 
@@ -148,6 +157,8 @@ def memory(paths: dict[str, Path], backends: list[str], threads: int) -> dict:
     results = {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for name in backends:
+        if name in NO_MEMORY:
+            continue
         command = [sys.executable, __file__, "--memory-child", name, "--paths", json.dumps({k: str(v) for k, v in
                                                                                             paths.items()}),
                    "--threads", str(threads)]
@@ -168,6 +179,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--preset", default="ternarybert")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help=f"comma-separated subset of {','.join(BACKENDS)} (fp32 is always included)")
     parser.add_argument("--memory-child")
     parser.add_argument("--paths")
     args = parser.parse_args()
@@ -176,16 +189,26 @@ def main() -> None:
         memory_child(args.memory_child, {k: Path(v) for k, v in json.loads(args.paths).items()})
         return
 
+    chosen = {"fp32", *args.backends.split(",")}
+    unknown = sorted(chosen - set(BACKENDS))
+    if unknown:
+        parser.error(f"--backends: unknown {unknown}; known: {', '.join(BACKENDS)}")
     print(f"load average before: {os.getloadavg()}; torch {torch.__version__}, {args.threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
         paths = build(Path(tmp), args.preset)
-        backends = [b for b in BACKENDS if b != "onnx" or (paths["export"] / "model.onnx").exists()]
+        backends = [b for b in BACKENDS if b in chosen and (b != "onnx" or (paths["export"] / "model.onnx").exists())]
         table = latency(paths, backends, [int(b) for b in args.batches.split(",")], args.reps)
         print(f"\n(a) latency, seq {SEQ}, median of {args.reps}, ratio to fp32 PyTorch")
         print("| batch | " + " | ".join(backends) + " |")
         print("|---|" + "---|" * len(backends))
         for size, row in table.items():
             print(f"| {size} | " + " | ".join(f"{row[b]['s']:.3f} s ({row[b]['ratio']:.2f}×)" for b in backends) + " |")
+        ours = [b for b in backends if b in ("int8", "int8_packed2", "int8_compiled", "onnx")]
+        if "dynamic_int8" in backends and ours:
+            print("\nours against PyTorch dynamic int8 (the target: ≤ 1 at batch 8, < 1 at batch 1)")
+            for size, row in table.items():
+                anchor = row["dynamic_int8"]["s"]
+                print(f"batch {size}: " + ", ".join(f"{b} {row[b]['s'] / anchor:.2f}×" for b in ours))
 
         if not args.skip_memory:
             mem = memory(paths, backends, args.threads)

@@ -30,7 +30,8 @@ OPTIONS = {
     "sweep": ["--config", "--set", "--slurm", "--run-index", "--aggregate-only", "--list", "--dry-run"],
     "launch": ["--num_accelerators", "--master_port"],  # the launcher wrapper's own usage text
     "predict": ["--input", "--format", "--text_columns", "--text_column", "--label_column", "--output",
-                "--output_format", "--overwrite", "--backend", "--batch_size", "--eval", "--no_progress"],
+                "--output_format", "--overwrite", "--backend", "--weights", "--compile", "--batch_size", "--eval",
+                "--no_progress"],
     "export": ["--out", "--onnx", "--ternary_packing", "--overwrite", "--task", "--labels", "--task_type",
                "--text_columns", "--max_seq_length"],
     "estimate": ["--ds_config", "--set", "--model", "--layers", "--hidden", "--heads", "--ffn", "--vocab", "--family",

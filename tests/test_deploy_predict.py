@@ -215,6 +215,21 @@ def test_lines_from_stdin_and_tables_in_every_format_give_the_same_records(expor
         assert (status, jsonl(out)) == (0, expected), (name, err)
 
 
+def test_packed2_weights_from_the_command_line(exports, single, capsys, monkeypatch):
+    """--weights packed2: the int8 backend with 2-bit resident codes; the same predictions (up to float rounding
+    of the epilogue: the int8 codes may run by oneDNN's kernel); refused for another backend."""
+    expected = expected_records(single, SENTENCES, 4)
+    status, out, err = cli_run(capsys, exports.single, "--batch_size", 4, "--weights", "packed2",
+                               stdin=("\n".join(SENTENCES) + "\n").encode(), monkeypatch=monkeypatch)
+    assert status == 0, err
+    got = jsonl(out)
+    assert [r["label"] for r in got] == [r["label"] for r in expected]
+    for record, reference in zip(got, expected):
+        assert record["probabilities"] == pytest.approx(reference["probabilities"], abs=1e-5)
+    status, _, err = cli_run(capsys, exports.single, "--backend", "fakequant", "--weights", "packed2")
+    assert status == 2 and "--weights: packed2 is a mode of the int8 backend" in err
+
+
 def test_pair_lines_are_split_at_the_tab(exports, tmp_path, capsys):
     pair = Predictor(ds_kdqat.load_student(exports.pair, "int8"))
     pairs = [("the movie was good", "a great film"), ("bad film", "dull story"), ("good", "good")]

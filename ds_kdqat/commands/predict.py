@@ -48,6 +48,7 @@ DESCRIPTION = __doc__
 INPUT_FORMATS = ("auto", "tsv", "csv", "jsonl", "parquet", "lines")
 OUTPUT_FORMATS = ("jsonl", "tsv")
 BACKENDS = ("fakequant", "int8", "onnx")
+WEIGHT_MODES = ("int8", "packed2")  # ds_kdqat.deploy.int_modules.WEIGHT_MODES (not imported: --help stays light)
 STDIN = "-"
 STDIN_NAME = "<stdin>"
 
@@ -65,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_format", default="jsonl", choices=OUTPUT_FORMATS)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--backend", default="int8", choices=BACKENDS, help="how the export runs (default int8)")
+    parser.add_argument("--weights", default="int8", choices=WEIGHT_MODES,
+                        help="int8 backend: how its weight codes are held: int8 (one byte each, default) or packed2 "
+                             "(ternary/binary codes packed 4 per byte and unpacked per linear before its GEMM: "
+                             "a quarter of the weight memory, a little slower)")
+    parser.add_argument("--compile", action="store_true",
+                        help="int8 backend: run its element-wise work by torch.compile'd kernels (the same "
+                             "predictions; the first batches compile them, which takes seconds and a C++ compiler)")
     parser.add_argument("--batch_size", type=int, default=32, help="examples per forward pass (default 32)")
     parser.add_argument("--eval", action="store_true", help="the input is labelled: print the task's metrics")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
@@ -346,6 +354,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     """ConfigErrors for arguments that cannot work, before anything is read."""
     if args.batch_size < 1:
         raise ConfigError("--batch_size", f"expected a positive integer, got {args.batch_size}")
+    if args.weights != "int8" and args.backend != "int8":
+        raise ConfigError("--weights", f"{args.weights} is a mode of the int8 backend, not of --backend "
+                                       f"{args.backend}")
+    if args.compile and args.backend != "int8":
+        raise ConfigError("--compile", f"compiled kernels are the int8 backend's, not --backend {args.backend}'s")
     if args.output not in (None, STDIN):
         if os.path.isdir(args.output):
             raise ConfigError("--output", f"{args.output} is a folder; name the predictions file")
@@ -358,13 +371,13 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError("--output", "with --eval the metrics go to stdout; write the predictions to a file")
 
 
-def load_model(folder: str, backend: str):
-    """The exported student run by ``backend``; a missing optional dependency is a ConfigError saying what to
-    install."""
+def load_model(folder: str, backend: str, weights: str = "int8", compile: bool = False):
+    """The exported student run by ``backend`` (``weights``, ``compile``: the int8 backend's weight mode and
+    compiled kernels); a missing optional dependency is a ConfigError saying what to install."""
     import ds_kdqat
 
     try:
-        return ds_kdqat.load_student(folder, backend)
+        return ds_kdqat.load_student(folder, backend, weights=weights, compile=compile)
     except ImportError as error:
         raise ConfigError("--backend", f"the {backend} backend needs packages that are not installed ({error}): "
                                        "pip install 'ds-kdqat[deploy]'") from None
@@ -391,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("EXPORT_DIR", f"{args.export_dir} is a {task['kind']!r} model; predict supports "
                                         "classification, regression and image classification exports")
     rows = read_inputs(args, task)
-    predictor = Predictor(load_model(args.export_dir, args.backend))
+    predictor = Predictor(load_model(args.export_dir, args.backend, args.weights, args.compile))
     predictions = predictor.predict((row.example for row in rows), args.batch_size)
     predictions = progress(predictions, len(rows), not args.no_progress and sys.stderr.isatty())
     if not args.eval:

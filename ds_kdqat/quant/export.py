@@ -314,7 +314,7 @@ def read_tensors(out_dir: Union[str, os.PathLike], manifest: dict) -> dict[str, 
 @torch.no_grad()
 def load_packed(out_dir: Union[str, os.PathLike],
                 model_or_factory: Union[nn.Module, Callable[[], nn.Module]], *, frozen: bool = True,
-                integer: bool = False, verify: bool = True) -> nn.Module:
+                integer: bool = False, verify: bool = True, integer_weights: str = "int8") -> nn.Module:
     """Rebuild the quantized model of an export.
 
     ``model_or_factory``: a full-precision model of the same architecture (or a callable returning one); it is
@@ -324,7 +324,10 @@ def load_packed(out_dir: Union[str, os.PathLike],
     exported student's bit for bit; ``frozen=False`` re-quantizes them each forward (for further training),
     which reproduces them only up to rounding. ``integer``: put integer-kernel modules
     (:mod:`ds_kdqat.deploy.int_modules`) in place of the quantized linears and embeddings that have an int8
-    form, built from the codes without decoding them (the others are loaded frozen as usual).
+    form, built from the codes without decoding them (the others are loaded frozen as usual); ``integer_weights``:
+    how they hold the codes (:data:`ds_kdqat.deploy.int_modules.WEIGHT_MODES`: ``"int8"``, or ``"packed2"``,
+    2-bit codes packed 4 per byte, each module packed as it is built, so the loader never holds every weight's
+    int8 codes at once).
 
     The files the manifest lists are checked first (size, SHA-256; ``verify=False`` for a caller that just
     did); a missing, truncated or foreign tensor
@@ -356,7 +359,8 @@ def load_packed(out_dir: Union[str, os.PathLike],
         if integer:
             from ds_kdqat.deploy.int_modules import integer_module, replace_module
 
-            new, _ = integer_module(module, entry["method"], entry["kind"], entry["bits"], codes, scale, offset)
+            new, _ = integer_module(module, entry["method"], entry["kind"], entry["bits"], codes, scale, offset,
+                                    integer_weights)
             if new is not None:
                 replace_module(model, module_name, new)
                 continue
