@@ -558,9 +558,13 @@ def evaluate_teachers(ctx: JobContext, engine: TeacherStudentEngine,
 
 
 def _task_description(ctx: JobContext, model) -> dict:
+    """The export's ``task`` entry; a QA task records its window and decoding settings (``task.qa``)."""
+    from .data.qa_config import qa_settings
+
     adapter = adapter_for(model)
+    qa = qa_settings(ctx.run.kdqat.data) if ctx.spec.is_qa else None
     return task_description(ctx.spec, None if adapter.input_kind == "pixels" else ctx.run.kdqat.data.max_seq_length,
-                            adapter.input_kind, adapter.token_type_ids)
+                            adapter.input_kind, adapter.token_type_ids, qa=qa)
 
 
 def _evaluate_integer_backend(engine: TeacherStudentEngine, ctx: JobContext, packed: str,

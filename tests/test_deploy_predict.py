@@ -139,10 +139,12 @@ def test_pairs_and_regression(exports):
     assert scores[0].record() == {"score": scores[0].score}
 
 
-def test_qa_exports_and_models_without_export_info_are_refused(tmp_path):
-    task = {"name": "squad", "kind": "qa", "labels": [], "text_fields": ["question", "context"]}
+def test_unknown_kinds_and_models_without_export_info_are_refused(tmp_path):
+    """(QA exports are predicted: tests/test_deploy_predict_qa.py.)"""
+    task = {"name": "ner", "kind": "token_classification", "labels": [], "text_fields": ["tokens"]}
     model = types.SimpleNamespace(kdqat_export=types.SimpleNamespace(folder=tmp_path, task=task))
-    with pytest.raises(ConfigError, match="'qa'.*classification, regression, image_classification"):
+    with pytest.raises(ConfigError, match="'token_classification'.*classification, regression, "
+                                          "image_classification, qa"):
         Predictor(model)
     with pytest.raises(ConfigError, match="kdqat_export"):
         Predictor(torch.nn.Linear(2, 2))

@@ -176,6 +176,19 @@ def resolve_task(args: argparse.Namespace, run_config, student: Path):
     return spec, max_seq_length
 
 
+def recorded_qa_settings(spec, run_config, max_seq_length: int):
+    """The QA settings to record in a QA export (``task.qa``): the run config's (``kdqat.data``), with the
+    export's ``max_seq_length``; None for another task, or without a run config (then ``predict`` falls back to
+    the QASettings defaults and says so)."""
+    import dataclasses
+
+    if not spec.is_qa or run_config is None:
+        return None
+    from ..data.qa_config import qa_settings
+
+    return dataclasses.replace(qa_settings(run_config.kdqat.data), max_seq_length=max_seq_length)
+
+
 def with_flag_labels(spec, labels: list[str]):
     """``spec`` with ``--labels``: the classes of a task that takes them from the data, or a check of a fixed
     list."""
@@ -286,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_student(str(student), spec).eval()
     adapter = adapter_for(model)
     pixels = adapter.input_kind == "pixels"
-    task = task_description(spec, None if pixels else max_seq_length, adapter.input_kind, adapter.token_type_ids)
+    task = task_description(spec, None if pixels else max_seq_length, adapter.input_kind, adapter.token_type_ids,
+                            qa=recorded_qa_settings(spec, run_config, max_seq_length))
     had_onnx = out.is_dir() and any(p.name.startswith(ONNX_PREFIX) for p in out.iterdir())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -4,6 +4,7 @@
     echo "a great , moving film" | ds-kdqat predict OUT/student_packed
     ds-kdqat predict EXPORT --input pairs.txt --format lines          # text_a<TAB>text_b per line
     ds-kdqat predict EXPORT --input dev.csv --eval [--output p.tsv --output_format tsv]
+    ds-kdqat predict QA_EXPORT --input dev-v2.0.json --eval --output predictions.json --output_format squad
 
 Input (--input FILE, or - for stdin, the default), by --format:
 
@@ -29,6 +30,21 @@ Batches keep the input order and are padded to their longest example: the 8-bit 
 per-batch statistics, so predictions depend on --batch_size (see ds_kdqat/deploy/predict.py); --batch_size 1
 makes each prediction independent of its neighbours. Bad input is exit status 2 with file:line and what was
 expected.
+
+Extractive-QA exports (task kind "qa") take questions and write one answer per question:
+
+* input, by --format: squad (auto: a .json file) is a SQuAD v1.1 / v2.0 JSON file ({"data": [{"paragraphs":
+  [{"context", "qas": [{"id", "question", ...}]}]}]}; answers are read only with --eval, and then the file
+  must be what training reads for the export's SQuAD version); jsonl (auto: .jsonl, and stdin) is one
+  {"id": ..., "question": ..., "context": ...} object per line (with --eval also "answers": the gold answer
+  texts, or SQuAD answer objects {"text", ...}; [] for an unanswerable v2.0 question).
+* output, by --output_format: jsonl, {"id": ..., "answer": ..., "score": ...} per question in input order
+  (answer "" = no answer; score: start + end logit of the span, or the no-answer score); squad, one JSON
+  object {id: answer} (the official SQuAD predictions file).
+* windows (max_seq_length, doc_stride, max_query_length), max_answer_length, the SQuAD version and
+  null_score_diff_threshold are those the student was trained with (the export's manifest, task.qa);
+  --batch_size counts windows. --eval prints SQuAD exact_match and f1 (f1 first) and, for a file with
+  unanswerable questions, the HasAns_/NoAns_ figures.
 """
 
 from __future__ import annotations
@@ -45,8 +61,10 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 from ..errors import ConfigError, DataError
 
 DESCRIPTION = __doc__
-INPUT_FORMATS = ("auto", "tsv", "csv", "jsonl", "parquet", "lines")
-OUTPUT_FORMATS = ("jsonl", "tsv")
+INPUT_FORMATS = ("auto", "tsv", "csv", "jsonl", "parquet", "lines", "squad")
+OUTPUT_FORMATS = ("jsonl", "tsv", "squad")
+QA_INPUT_FORMATS = ("squad", "jsonl")
+QA_OUTPUT_FORMATS = ("jsonl", "squad")
 BACKENDS = ("fakequant", "int8", "onnx")
 WEIGHT_MODES = ("int8", "packed2")  # ds_kdqat.deploy.int_modules.WEIGHT_MODES (not imported: --help stays light)
 STDIN = "-"
@@ -57,13 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", metavar="EXPORT_DIR", help="an exported student (ds-kdqat export)")
     parser.add_argument("--input", default=STDIN, metavar="FILE", help="the examples; - for stdin (default)")
     parser.add_argument("--format", default="auto", choices=INPUT_FORMATS,
-                        help="input format (default auto: by extension; stdin and other extensions: lines)")
+                        help="input format (default auto: by extension; stdin and other extensions: lines; QA "
+                             "exports: squad for .json, else jsonl)")
     parser.add_argument("--text_columns", "--text_column", nargs="+", default=None, metavar="COLUMN",
                         help="the text column(s) of a table input (default: the export's task text fields)")
     parser.add_argument("--label_column", default=None,
                         help="with --eval: the gold label column (default: the export's task label column)")
     parser.add_argument("--output", default=None, metavar="FILE", help="where the predictions go (default stdout)")
-    parser.add_argument("--output_format", default="jsonl", choices=OUTPUT_FORMATS)
+    parser.add_argument("--output_format", default="jsonl", choices=OUTPUT_FORMATS,
+                        help="jsonl (default), tsv (not for QA), squad (QA only: one {id: answer} JSON object)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--backend", default="int8", choices=BACKENDS, help="how the export runs (default int8)")
     parser.add_argument("--weights", default="int8", choices=WEIGHT_MODES,
@@ -73,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="int8 backend: run its element-wise work by torch.compile'd kernels (the same "
                              "predictions; the first batches compile them, which takes seconds and a C++ compiler)")
-    parser.add_argument("--batch_size", type=int, default=32, help="examples per forward pass (default 32)")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="examples (QA: context windows) per forward pass (default 32)")
     parser.add_argument("--eval", action="store_true", help="the input is labelled: print the task's metrics")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
 
@@ -383,11 +404,11 @@ def load_model(folder: str, backend: str, weights: str = "int8", compile: bool =
                                        "pip install 'ds-kdqat[deploy]'") from None
 
 
-def progress(predictions: Iterable[Any], total: int, enabled: bool) -> Iterator[Any]:
+def progress(predictions: Iterable[Any], total: int, enabled: bool, unit: str = "ex") -> Iterator[Any]:
     """``predictions`` counted by a tqdm bar on stderr (when ``enabled`` and stderr is a terminal)."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, unit="ex", desc="predict", file=sys.stderr, disable=not enabled,
+    with tqdm(total=total, unit=unit, desc="predict", file=sys.stderr, disable=not enabled,
               dynamic_ncols=True) as bar:
         for prediction in predictions:
             yield prediction
@@ -400,9 +421,15 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     task = read_export(args.export_dir)["task"]
+    if task["kind"] == "qa":
+        return run_qa(args, task)
     if task["kind"] not in ("classification", "regression", "image_classification"):
         raise ConfigError("EXPORT_DIR", f"{args.export_dir} is a {task['kind']!r} model; predict supports "
-                                        "classification, regression and image classification exports")
+                                        "classification, regression, image classification and QA exports")
+    if args.format == "squad" or args.output_format == "squad":
+        option = "--format" if args.format == "squad" else "--output_format"
+        raise ConfigError(option, f"squad is for extractive-QA exports; {args.export_dir} is a "
+                                  f"{task['kind']!r} model")
     rows = read_inputs(args, task)
     predictor = Predictor(load_model(args.export_dir, args.backend, args.weights, args.compile))
     predictions = predictor.predict((row.example for row in rows), args.batch_size)
@@ -420,4 +447,168 @@ def run(args: argparse.Namespace) -> int:
     metrics = task_metrics(task, kept, [row.label if task["kind"] != "regression" else float(row.label)
                                         for row in rows])
     print(json.dumps({**metrics, "examples": len(rows), "task": task["name"]}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- extractive QA
+
+
+def check_qa_arguments(args: argparse.Namespace) -> None:
+    """ConfigErrors for options that a QA export does not take."""
+    if args.text_columns or args.label_column:
+        raise ConfigError("--text_columns/--label_column", "not for a QA export: its input is SQuAD JSON or JSON "
+                                                           "Lines with the keys id, question, context")
+    if args.output_format not in QA_OUTPUT_FORMATS:
+        raise ConfigError("--output_format", f"got {args.output_format!r}; a QA export writes "
+                                             f"{' or '.join(QA_OUTPUT_FORMATS)}")
+    qa_input_format(args.input, args.format)
+
+
+def qa_input_format(path: str, explicit: str) -> str:
+    """``squad`` or ``jsonl``: ``explicit`` unless ``auto``; then ``squad`` for a ``.json`` file, else jsonl."""
+    if explicit == "auto":
+        return "squad" if path != STDIN and Path(path).suffix.lower() == ".json" else "jsonl"
+    if explicit not in QA_INPUT_FORMATS:
+        raise ConfigError("--format", f"got {explicit!r}; a QA export reads {' or '.join(QA_INPUT_FORMATS)} (SQuAD "
+                                      "JSON, or JSON Lines with id, question, context)")
+    return explicit
+
+
+def _member(record: Any, key: str, kind: type, source: str, where: str) -> Any:
+    """``record[key]`` of type ``kind``; a DataError naming ``source`` and ``where.key`` otherwise."""
+    if not isinstance(record, dict):
+        raise DataError(source, f"{where}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise DataError(source, f"{where}: missing key {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(source, f"{where}.{key}: expected a {'string' if kind is str else kind.__name__}, got "
+                                f"{type(value).__name__}")
+    return value
+
+
+def squad_questions(data: Any, source: str) -> list:
+    """The questions of a loaded SQuAD JSON object, gold answers not read (they may be absent): QAExamples
+    without answers, in file order. A DataError names ``source`` and the place (``data[0].paragraphs[1]``) or
+    ``source:<question id>``."""
+    from ..data.qa import QAExample
+
+    examples, seen = [], set()
+    for a, article in enumerate(_member(data, "data", list, source, "top level")):
+        for p, paragraph in enumerate(_member(article, "paragraphs", list, source, f"data[{a}]")):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = _member(paragraph, "context", str, source, where)
+            for q, qa in enumerate(_member(paragraph, "qas", list, source, where)):
+                qid = _member(qa, "id", str, source, f"{where}.qas[{q}]")
+                question = _member(qa, "question", str, f"{source}:{qid}", "question").strip()
+                if not question:
+                    raise DataError(f"{source}:{qid}", "empty question")
+                if not context.strip():
+                    raise DataError(f"{source}:{qid}", f"{where}: empty context")
+                if qid in seen:
+                    raise DataError(f"{source}:{qid}", "duplicate question id")
+                seen.add(qid)
+                examples.append(QAExample(qid, question, context, ()))
+    if not examples:
+        raise DataError(source, "no questions")
+    return examples
+
+
+def read_squad_input(name: str, data: bytes, version: int, labelled: bool) -> list:
+    """The questions of SQuAD JSON ``data``; ``labelled`` (--eval): with their gold answers, checked as training
+    checks them for SQuAD ``version`` (:func:`ds_kdqat.data.qa.parse_squad`)."""
+    from ..data.qa import parse_squad
+
+    try:
+        loaded = json.loads(data.decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(name, f"not a JSON file ({error}); expected SQuAD JSON (--format squad), or use "
+                              "--format jsonl for one question object per line") from None
+    return parse_squad(loaded, name, version) if labelled else squad_questions(loaded, name)
+
+
+def read_jsonl_questions(name: str, data: bytes, labelled: bool) -> list:
+    """One question per JSON Lines object {"id", "question", "context"} (and with ``labelled`` "answers": texts
+    or {"text": ...} objects, [] for no answer); a DataError names ``name:line``."""
+    from ..data import files
+    from ..data.qa import QAExample
+
+    if not data.strip():
+        raise DataError(name, "empty input (expected one {\"id\", \"question\", \"context\"} object per line)")
+    examples, seen = [], set()
+    for record in files._read_jsonl(name, data).records:
+        where = f"{name}:{record.line}"
+        if record.reason is not None:
+            raise DataError(where, record.reason)
+        values = record.values
+        texts = [_member(values, key, str, where, "record") for key in ("id", "question", "context")]
+        for key, text in zip(("question", "context"), texts[1:]):
+            if not text.strip():
+                raise DataError(where, f"empty {key}")
+        if texts[0] in seen:
+            raise DataError(where, f"duplicate question id {texts[0]!r}")
+        seen.add(texts[0])
+        answers = tuple((text, -1) for text in _gold_texts(values, where)) if labelled else ()
+        examples.append(QAExample(texts[0], texts[1].strip(), texts[2], answers, labelled and not answers))
+    return examples
+
+
+def _gold_texts(values: dict, where: str) -> list[str]:
+    """The gold answer texts of a JSON Lines question (--eval): its "answers" list."""
+    answers = _member(values, "answers", list, where, "record (--eval needs the gold answers)")
+    texts = []
+    for i, answer in enumerate(answers):
+        text = answer.get("text") if isinstance(answer, dict) else answer
+        if not isinstance(text, str):
+            raise DataError(where, f"answers[{i}]: expected an answer text or an object with a 'text' string")
+        texts.append(text)
+    return texts
+
+
+def read_qa_inputs(args: argparse.Namespace, version: int) -> list:
+    """The questions of ``--input`` (QAExamples, with gold answers under --eval), in input order."""
+    fmt = qa_input_format(args.input, args.format)
+    name, data = read_input_bytes(args.input)
+    if fmt == "squad":
+        return read_squad_input(name, data, version, args.eval)
+    return read_jsonl_questions(name, data, args.eval)
+
+
+def qa_output_text(predictions: Sequence[Any], fmt: str) -> Iterator[str]:
+    """jsonl: one {"id", "answer", "score"} line per question; squad: the {id: answer} object."""
+    if fmt == "squad":
+        yield json.dumps({p.id: p.answer for p in predictions}, ensure_ascii=False, indent=1) + "\n"
+        return
+    for prediction in predictions:
+        yield json.dumps(prediction.record(), ensure_ascii=False) + "\n"
+
+
+def qa_metrics(task: dict, predictions: Sequence[Any], examples: Sequence[Any]) -> dict[str, float]:
+    """SQuAD EM/F1 (:func:`ds_kdqat.data.qa_metrics.squad_em_f1`, with HasAns_/NoAns_ when some question has no
+    answer), the task's primary metric first."""
+    from ..data.qa_metrics import squad_em_f1
+
+    metrics = squad_em_f1({p.id: p.answer for p in predictions}, {ex.id: ex.answer_texts for ex in examples})
+    primary = task.get("primary_metric") or "f1"
+    return {**({primary: metrics[primary]} if primary in metrics else {}), **metrics}
+
+
+def run_qa(args: argparse.Namespace, task: dict) -> int:
+    """``ds-kdqat predict`` of an extractive-QA export (see the module docstring)."""
+    from ..deploy.artifact import qa_settings_of
+    from ..deploy.predict import Predictor
+
+    check_qa_arguments(args)
+    settings, _ = qa_settings_of(task, os.path.join(args.export_dir, "manifest.json"))
+    examples = read_qa_inputs(args, settings.version)
+    predictor = Predictor(load_model(args.export_dir, args.backend, args.weights, args.compile))
+    features = predictor.qa_features(examples)
+    logits = progress(predictor.feature_logits(features, args.batch_size), len(features),
+                      not args.no_progress and sys.stderr.isatty(), unit="window")
+    predictions = predictor.answers(examples, features, list(logits))
+    if not args.eval or args.output not in (None, STDIN):
+        write_output(qa_output_text(predictions, args.output_format), args.output)
+    if args.eval:
+        metrics = qa_metrics(task, predictions, examples)
+        print(json.dumps({**metrics, "examples": len(examples), "task": task["name"]}))
     return 0

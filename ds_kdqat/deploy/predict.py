@@ -13,8 +13,16 @@ What an example is, by the export's ``task.kind`` (its manifest, ``model.kdqat_e
   training (:func:`ds_kdqat.data.encode.encode`).
 * ``image_classification``: an image file path or a ``PIL.Image``; converted, resized and normalised as in
   training (:class:`ds_kdqat.data.image_encode.ImageFormat` from the export's ``preprocessor_config.json``).
-* ``qa``: refused (a :class:`~ds_kdqat.errors.ConfigError`): extractive QA needs span decoding over document
-  windows, which this module does not do.
+* ``qa`` (extractive QA): a question, as a :class:`~ds_kdqat.data.qa.QAExample` or a mapping
+  ``{"id", "question", "context"}``; one :class:`QAPrediction` ``(id, answer, score)`` per question. The
+  questions are cut into windows exactly as in training (:func:`ds_kdqat.data.qa.build_features`: question
+  truncated to ``max_query_length`` tokens, context windows of ``max_seq_length`` tokens overlapping by
+  ``doc_stride``), the windows are batched (``batch_size`` windows per forward pass, in order, padded like the
+  training collate) and each question's answer is decoded from its windows' start/end logits by
+  :func:`ds_kdqat.data.qa_post.predict_answer` (n-best spans, ``max_answer_length``, and for SQuAD v2.0 the
+  no-answer rule with ``null_score_diff_threshold``). Those settings are the export's ``task.qa`` entry (and
+  ``task.max_seq_length``); an export that predates them uses the :class:`~ds_kdqat.data.qa.QASettings`
+  defaults and logs a warning saying so.
 
 Batches and results. The student's 8-bit activation quantizers take their range from the statistics of the
 current batch (dynamic per-tensor min/max), padding positions included, so a prediction depends on the other
@@ -28,6 +36,7 @@ independent of the others (and of the padding).
 from __future__ import annotations
 
 import os
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -36,12 +45,15 @@ import torch
 from ds_kdqat.errors import ConfigError, DataError
 
 #: Task kinds :class:`Predictor` predicts.
-PREDICTABLE_KINDS = ("classification", "regression", "image_classification")
+PREDICTABLE_KINDS = ("classification", "regression", "image_classification", "qa")
 #: ``max_seq_length`` used when the export does not record one and the tokenizer gives no usable limit.
 FALLBACK_MAX_SEQ_LENGTH = 512
 
 TextExample = Union[str, Sequence[str]]  # one text, or (text_a, text_b)
 ImageInput = Any  # a path (str / os.PathLike) or a PIL.Image.Image
+QUESTION_KEYS = ("id", "question", "context")  # a QA example given as a mapping
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,21 @@ class Prediction:
         return {"label": self.label, "probabilities": dict(self.probabilities or {})}
 
 
+@dataclass(frozen=True)
+class QAPrediction:
+    """One question's answer: ``answer`` is a span of its context, or ``""`` (no answer: SQuAD v2.0, or no
+    window had a candidate span); ``score`` is the chosen span's ``start_logit + end_logit``, or for ``""`` the
+    no-answer score (the smallest ``start[CLS] + end[CLS]`` over the question's windows)."""
+
+    id: str
+    answer: str
+    score: float
+
+    def record(self) -> dict:
+        """``{"id": ..., "answer": ..., "score": ...}`` (what ``ds-kdqat predict`` writes as JSON Lines)."""
+        return {"id": self.id, "answer": self.answer, "score": self.score}
+
+
 def export_info(model: Any) -> Any:
     """``model.kdqat_export`` (set by :func:`ds_kdqat.load_student`); a ConfigError when the model has none."""
     info = getattr(model, "kdqat_export", None)
@@ -78,7 +105,7 @@ class Predictor:
 
     ``max_seq_length``: tokens per example (special tokens included); default the export's
     ``task.max_seq_length``, else the tokenizer's ``model_max_length`` (when sensible), else
-    :data:`FALLBACK_MAX_SEQ_LENGTH`.
+    :data:`FALLBACK_MAX_SEQ_LENGTH`. A QA export's windows are the export's (``qa_settings``): no override.
     """
 
     def __init__(self, model: Any, max_seq_length: Optional[int] = None):
@@ -89,13 +116,21 @@ class Predictor:
         self.kind = self.task["kind"]
         if self.kind not in PREDICTABLE_KINDS:
             raise ConfigError("task.kind", f"the export at {self.folder} is a {self.kind!r} model; prediction "
-                              f"supports {', '.join(PREDICTABLE_KINDS)} (extractive QA needs span decoding, "
-                              "not available here)")
+                              f"supports {', '.join(PREDICTABLE_KINDS)}")
         self.labels: list[str] = list(self.task["labels"])
         self.text_fields: list[str] = list(self.task["text_fields"])
+        self.qa_settings = None
         if self.kind == "image_classification":
             self.image_format = self._image_format()
             self.tokenizer, self.max_seq_length = None, None
+        elif self.kind == "qa":
+            if max_seq_length is not None:
+                raise ConfigError("max_seq_length", "a QA export's windows are its manifest's (task.max_seq_length, "
+                                                    "task.qa); they cannot be overridden")
+            self.image_format = None
+            self.tokenizer = self._tokenizer()
+            self.qa_settings = self._qa_settings()
+            self.max_seq_length = self.qa_settings.max_seq_length
         else:
             self.image_format = None
             self.tokenizer = self._tokenizer()
@@ -110,6 +145,10 @@ class Predictor:
     @property
     def is_image(self) -> bool:
         return self.kind == "image_classification"
+
+    @property
+    def is_qa(self) -> bool:
+        return self.kind == "qa"
 
     @property
     def is_pair(self) -> bool:
@@ -129,6 +168,22 @@ class Predictor:
         if tokenizer.pad_token_id is None:
             raise DataError(self.folder, "the export's tokenizer has no pad token; batches cannot be padded")
         return tokenizer
+
+    def _qa_settings(self):
+        """The export's :class:`~ds_kdqat.data.qa.QASettings` (defaults, with a warning, for unrecorded keys)."""
+        from ds_kdqat.deploy.artifact import qa_settings_of
+
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise DataError(self.folder, "extractive QA needs a fast tokenizer (character offsets, tokenizer.json); "
+                                         "the export's tokenizer is a slow one")
+        settings, missing = qa_settings_of(self.task, os.path.join(self.folder, "manifest.json"))
+        if missing:
+            used = ", ".join(f"{key.rsplit('.', 1)[-1]}={getattr(settings, key.rsplit('.', 1)[-1])}"
+                             for key in missing)
+            logger.warning("%s: the manifest does not record %s (an export from before QA settings were recorded); "
+                           "using the defaults %s", os.path.join(self.folder, "manifest.json"), ", ".join(missing),
+                           used)
+        return settings
 
     def _default_max_seq_length(self) -> int:
         recorded = self.task.get("max_seq_length")
@@ -236,12 +291,16 @@ class Predictor:
                            probabilities={name: float(p) for name, p in zip(self.labels, row)})
                 for k, row in zip(best, probabilities)]
 
-    def predict(self, examples: Iterable[Any], batch_size: int = 32) -> Iterator[Prediction]:
+    def predict(self, examples: Iterable[Any], batch_size: int = 32) -> Iterator[Any]:
         """One :class:`Prediction` per example, in input order, computed ``batch_size`` examples at a time
         (batches in input order, padded to their longest example: see the module docstring). ``examples`` may
-        be any iterable (it is read one batch ahead)."""
+        be any iterable (it is read one batch ahead). QA: one :class:`QAPrediction` per question, ``batch_size``
+        windows at a time (:meth:`predict_qa`; every question is read first)."""
         if batch_size < 1:
             raise ConfigError("batch_size", f"expected a positive integer, got {batch_size}")
+        if self.is_qa:
+            yield from self.predict_qa([qa_example(item, i) for i, item in enumerate(examples)], batch_size)
+            return
         batch: list[Any] = []
         done = 0
         for example in examples:
@@ -252,6 +311,118 @@ class Predictor:
                 batch = []
         if batch:
             yield from self.predict_batch(batch, done)
+
+
+    # -- extractive QA --------------------------------------------------------------------------------------
+
+    def _require_qa(self) -> None:
+        if not self.is_qa:
+            raise ConfigError("task.kind", f"the export at {self.folder} is a {self.kind!r} model, not extractive QA")
+
+    def qa_features(self, examples: Sequence[Any]) -> list:
+        """The windows (:class:`~ds_kdqat.data.qa.QAFeature`) of ``examples`` (QAExamples), in example order, cut
+        with the export's settings as in training."""
+        from ds_kdqat.data.qa import build_features
+
+        self._require_qa()
+        if not examples:
+            raise DataError("examples", "no questions")
+        return build_features(examples, self.tokenizer, self.qa_settings)
+
+    def feature_logits(self, features: Sequence[Any], batch_size: int = 32) -> Iterator[Any]:
+        """Each window's start/end logits, float32 numpy ``(len_i, 2)`` (``[:, 0]`` start, ``[:, 1]`` end,
+        ``len_i`` its tokens), in feature order. ``batch_size`` windows per forward pass, in order, padded on the
+        right to the longest (the training collate, :meth:`ds_kdqat.data.qa.QADataset.collate_fn`), as the
+        training evaluation batches them."""
+        from ds_kdqat.data.qa import QADataset
+
+        self._require_qa()
+        if batch_size < 1:
+            raise ConfigError("batch_size", f"expected a positive integer, got {batch_size}")
+        dataset = QADataset([], features, self.qa_settings, int(self.tokenizer.pad_token_id),
+                            int(getattr(self.tokenizer, "pad_token_type_id", 0) or 0))
+        for first in range(0, len(dataset), batch_size):
+            batch = dataset.collate_fn([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
+            yield from self._window_logits(batch)
+
+    def _window_logits(self, batch: dict[str, torch.Tensor]) -> Iterator[Any]:
+        """One forward pass over a collated batch of windows → per window its unpadded ``(len_i, 2)`` logits."""
+        from ds_kdqat.models.taps import output_logits
+
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
+        if not self.task.get("token_type_ids", True):
+            inputs.pop("token_type_ids", None)
+        with torch.no_grad():
+            output = self.model(**inputs)
+        logits = output_logits(output)
+        if logits is None or logits.ndim != 3 or logits.shape[-1] != 2 or logits.shape[:2] != inputs["input_ids"].shape:
+            raise DataError(self.folder, "the model does not output start/end logits of shape (batch, tokens); is "
+                                         "the export an extractive-QA model?")
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        for row, n in zip(logits.float().cpu(), lengths):
+            yield row[:n].numpy()
+
+    def answers(self, examples: Sequence[Any], features: Sequence[Any], logits: Sequence[Any]) -> list[QAPrediction]:
+        """One :class:`QAPrediction` per example (input order) from its windows' ``logits`` (:meth:`feature_logits`
+        of ``features``): the answer of :func:`ds_kdqat.data.qa_post.predict_answer`, and its score."""
+        import numpy as np
+
+        from ds_kdqat.data.qa_post import predict_answer
+
+        if len(features) != len(logits):
+            raise ValueError(f"{len(logits)} logit rows for {len(features)} windows")
+        windows: list[list] = [[] for _ in examples]
+        for feature, rows in zip(features, logits):
+            rows = np.asarray(rows, dtype=np.float64)
+            windows[feature.example_index].append((rows[:, 0], rows[:, 1], feature.offsets, feature.cls_index))
+        predictions = []
+        for example, own in zip(examples, windows):
+            answer = predict_answer(example.context, own, self.qa_settings)
+            predictions.append(QAPrediction(example.id, answer, answer_score(answer, own, self.qa_settings)))
+        return predictions
+
+    def predict_qa(self, examples: Sequence[Any], batch_size: int = 32) -> list[QAPrediction]:
+        """:meth:`answers` of ``examples`` (QAExamples): windows, batched forward passes, span decoding."""
+        features = self.qa_features(examples)
+        return self.answers(examples, features, list(self.feature_logits(features, batch_size)))
+
+
+def qa_example(item: Any, index: int) -> Any:
+    """A :class:`~ds_kdqat.data.qa.QAExample` from a QAExample or a mapping with the keys :data:`QUESTION_KEYS`
+    (string values, question and context not blank); a DataError names ``example <index>``."""
+    from ds_kdqat.data.qa import QAExample
+
+    if isinstance(item, QAExample):
+        return item
+    where = f"example {index}"
+    if not isinstance(item, dict):
+        raise DataError(where, f"expected a question {{\"id\", \"question\", \"context\"}}, got {type(item).__name__}")
+    for key in QUESTION_KEYS:
+        if not isinstance(item.get(key), str):
+            found = "missing" if key not in item else f"a {type(item[key]).__name__}"
+            raise DataError(where, f"{key!r}: expected a string, {found}")
+        if key != "id" and not item[key].strip():
+            raise DataError(where, f"empty {key}")
+    return QAExample(item["id"], item["question"].strip(), item["context"], ())
+
+
+def answer_score(answer: str, windows: Sequence[tuple], settings: Any) -> float:
+    """The score of ``answer`` (:func:`~ds_kdqat.data.qa_post.predict_answer` of ``windows``
+    ``(start_logits, end_logits, offsets, cls_index)``): its best span's ``start + end`` logit, or the no-answer
+    score (smallest ``start[cls] + end[cls]``) when the answer is ``""`` for want of a span or by the v2.0
+    null rule."""
+    from ds_kdqat.data.qa_post import window_spans
+
+    best, null = None, None
+    for start, end, offsets, cls_index in windows:
+        spans = window_spans(start, end, offsets, settings.n_best_size, settings.max_answer_length)
+        if spans and (best is None or spans[0].score > best):
+            best = spans[0].score
+        window_null = float(start[cls_index] + end[cls_index])
+        null = window_null if null is None else min(null, window_null)
+    if best is None or (answer == "" and settings.version == 2 and null - best > settings.null_score_diff_threshold):
+        return float(null)
+    return float(best)
 
 
 def label_field(task: dict) -> str:
