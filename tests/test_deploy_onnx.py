@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 import torch
 from transformers import (AutoTokenizer, BertConfig, BertForQuestionAnswering, BertForSequenceClassification,
-                          DistilBertConfig, DistilBertForSequenceClassification, ViTConfig,
+                          DistilBertConfig, DistilBertForSequenceClassification, T5Config, ViTConfig,
                           ViTForImageClassification)
 
 import ds_kdqat
@@ -317,9 +317,9 @@ def test_unsupported_family_and_arguments_are_config_errors(plain_export, tmp_pa
     with pytest.raises(ConfigError, match="batch >= 2"):
         export_onnx(folder, batch=1)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["model"]["family"] = "t5"  # the manifest is not checksummed: a hand edit stands in for a T5 export
+    manifest["model"]["family"] = "mystery"  # the manifest is not checksummed: a hand edit stands in for a new family
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    with pytest.raises(ConfigError, match=r"supports the families \['bert', 'distilbert', 'vit'\].*'t5'"):
+    with pytest.raises(ConfigError, match=r"supports the families \['bert', 'distilbert', 't5', 'vit'\].*'mystery'"):
         export_onnx(folder)
     assert not (folder / "model.onnx").exists()
 
@@ -342,6 +342,15 @@ def _bert_qa():
     return BertForQuestionAnswering(config)
 
 
+def _t5():
+    from ds_kdqat.models.families.t5 import KdqatT5EncoderForSequenceClassification
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=30522, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", num_labels=len(LABELS))
+    return KdqatT5EncoderForSequenceClassification(config)
+
+
 def _vit():
     torch.manual_seed(0)
     config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
@@ -353,6 +362,7 @@ FAMILY_CASES = {
     "distilbert": (_distilbert, _task(token_type_ids=False), ["input_ids", "attention_mask"], ["logits"]),
     "bert_qa": (_bert_qa, _task(kind="qa", labels=[]), ["input_ids", "attention_mask", "token_type_ids"],
                 ["start_logits", "end_logits"]),
+    "t5": (_t5, _task(token_type_ids=False), ["input_ids", "attention_mask"], ["logits"]),
     "vit": (_vit, _task(kind="image_classification", input_kind="pixels", token_type_ids=False),
             ["pixel_values"], ["logits"]),
 }

@@ -30,7 +30,8 @@ the float pooler/classifier) is traced as ordinary float ops. The graph is writt
 weight (ONNX has no 2-bit GEMM input type): about 4× the packed ``weights.safetensors`` of a ternary model,
 a quarter of fp32.
 
-Supported families (:data:`ONNX_FAMILIES`): ``bert`` (BERT, RoBERTa, ELECTRA), ``distilbert`` and ``vit``; task
+Supported families (:data:`ONNX_FAMILIES`): ``bert`` (BERT, RoBERTa, ELECTRA), ``distilbert``, ``t5`` (T5-style
+encoders, relative position buckets traced for any sequence length) and ``vit``; task
 heads: sequence classification / regression, extractive QA (text families) and image classification (ViT).
 Inputs are named as the HF forward's arguments (``input_ids``, ``attention_mask``, ``token_type_ids`` when the
 export's task uses them; ``pixel_values`` for images) with dynamic batch (and sequence) axes; outputs
@@ -64,7 +65,7 @@ DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 14, 20  # the TorchScript exporter's range this module is checked with
 MANIFEST_FILE = "manifest.json"
 
-ONNX_FAMILIES = ("bert", "distilbert", "vit")
+ONNX_FAMILIES = ("bert", "distilbert", "t5", "vit")
 """Families whose export traces to ONNX (see the module docstring); others raise :class:`ConfigError`."""
 
 
@@ -174,6 +175,13 @@ class OnnxIntLinear(nn.Module):
         self.act_quant = linear.act_quant
         self._memo = memo
         has_int8_gemm()  # probe the GEMM kernel now, not inside a trace
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An int8 tensor of the weight's shape (out, in) on the ``meta`` device, for model code that reads a
+        linear's ``weight`` for its dtype (HF's T5 FFN leaves its input in its own dtype for an int8 weight, as
+        for :class:`IntLinear`); it holds no values, so no trace records them."""
+        return torch.empty((self.out_features, self.in_features), dtype=torch.int8, device="meta")
 
     def _encoded(self, x: torch.Tensor) -> ShiftedCodes:
         """``x``'s codes as (tokens, K); a shared quantizer encodes its input once (the memo)."""
