@@ -17,6 +17,16 @@ from .sampling import draw_sentences, example_rng
 from .words import SplitSentence, WordSplitter, is_eligible
 
 
+#: masked copies per forward pass when ``batch_size`` is None. On the CPU smaller batches stay in cache: for
+#: MiniLM-L6 on a 2-core EPYC, 32 took 10-17 % less CPU time than 64 (16: as 32); on CUDA, as before.
+DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 64}
+
+
+def default_batch_size(device) -> int:
+    """:data:`DEFAULT_BATCH_SIZE` for ``device`` (a torch.device); 64 for any other device type."""
+    return DEFAULT_BATCH_SIZE.get(device.type, 64)
+
+
 @dataclass(frozen=True)
 class AugmentParams:
     """M, p, N and how masked-LM inputs are built (see :class:`augment.config.AugmentConfig`)."""
@@ -26,7 +36,7 @@ class AugmentParams:
     num_new: int = 20
     candidate_source: str = "mlm_glove"
     mlm_input: str = "pair"
-    batch_size: int = 64
+    batch_size: Optional[int] = None  # None: default_batch_size(device of the masked LM)
     max_seq_length: int = 512
 
 
@@ -48,6 +58,17 @@ def word_route(sentence: SplitSentence, j: int, stopwords: frozenset[str], sourc
     if source == "mlm":
         return "mlm" if single else None
     return "mlm" if single else "glove"
+
+
+def _by_sentence(jobs: Sequence[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """``[(s, j), …]`` (grouped by s, in order) → ``[(s, [j, …]), …]``, order kept."""
+    out: list[tuple[int, list[int]]] = []
+    for s, j in jobs:
+        if out and out[-1][0] == s:
+            out[-1][1].append(j)
+        else:
+            out.append((s, [j]))
+    return out
 
 
 class Augmenter:
@@ -72,12 +93,16 @@ class Augmenter:
         self.glove = glove
         self.masked_lm = masked_lm
 
-    def _query(self, sentence: SplitSentence, j: int):
+    def _queries(self, sentence: SplitSentence, word_indices: Sequence[int]) -> list:
+        """One masked copy per word of ``word_indices`` (single-piece words), the flat piece list built once."""
         flat = [i for ps in sentence.pieces for i in ps]
-        q = sum(len(ps) for ps in sentence.pieces[:j])
+        starts = [0]
+        for ps in sentence.pieces:
+            starts.append(starts[-1] + len(ps))
         lm = self.masked_lm
         max_len = min(self.params.max_seq_length, lm.max_positions)
-        return build_query(flat, q, self.params.mlm_input, max_len, lm.cls_id, lm.sep_id, lm.mask_id)
+        mode = self.params.mlm_input
+        return [build_query(flat, starts[j], mode, max_len, lm.cls_id, lm.sep_id, lm.mask_id) for j in word_indices]
 
     def candidate_tables(self, texts: Sequence[str]) -> list[CandidateTable]:
         """One table per text; all GloVe and masked-LM look-ups of the block are batched together."""
@@ -97,8 +122,11 @@ class Augmenter:
             for (s, j), cands in zip(glove_jobs, found):
                 tables[s].candidates[j] = cands
         if mlm_jobs:
-            queries = [self._query(splits[s], j) for s, j in mlm_jobs]
-            found = self.masked_lm.candidates(queries, self.params.num_candidates, self.params.batch_size)
+            queries = []
+            for s, words in _by_sentence(mlm_jobs):
+                queries.extend(self._queries(splits[s], words))
+            batch_size = self.params.batch_size or default_batch_size(self.masked_lm.device)
+            found = self.masked_lm.candidates(queries, self.params.num_candidates, batch_size)
             for (s, j), cands in zip(mlm_jobs, found):
                 tables[s].candidates[j] = cands
         for t in tables:  # a word with no candidate (e.g. not in GloVe) keeps itself, as published

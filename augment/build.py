@@ -5,6 +5,7 @@ from __future__ import annotations
 from .augmenter import Augmenter, AugmentParams
 from .config import AugmentConfig
 from .glove import GloveNeighbours, load_glove
+from .int8 import check_int8_dynamic, quantize_encoder
 from .mlm import load_masked_lm, packaged_minilm_path, resolve_device
 from .stopwords import load_stopwords
 from .words import WordSplitter
@@ -23,10 +24,15 @@ def augment_params(cfg: AugmentConfig) -> AugmentParams:
 
 
 def build_augmenter(cfg: AugmentConfig) -> Augmenter:
-    """Load what ``cfg`` asks for: the masked LM (unless GloVe-only), its tokenizer, GloVe (unless MLM-only)."""
+    """Load what ``cfg`` asks for: the masked LM (unless GloVe-only; its encoder in ``cfg.mlm.precision``), its
+    tokenizer, GloVe (unless MLM-only)."""
     masked_lm = None
     if cfg.candidate_source != "glove":
+        if cfg.mlm.precision == "int8_dynamic":
+            check_int8_dynamic(resolve_device(cfg.mlm.device))  # before the model loads
         masked_lm = load_masked_lm(cfg.mlm.model, cfg.mlm.head, cfg.mlm.device)
+        if cfg.mlm.precision == "int8_dynamic":
+            quantize_encoder(masked_lm)
         tokenizer = masked_lm.tokenizer
         device = masked_lm.device
     else:

@@ -15,6 +15,8 @@ GloveFormat = Literal["auto", "text", "packaged"]
 MLMInput = Literal["pair", "masked_only"]
 OnBadRow = Literal["error", "skip"]
 Device = Literal["auto", "cpu", "cuda"]
+# the masked LM's encoder: float32, or row-wise dynamic int8 linears on the CPU (augment/int8.py)
+MLMPrecision = Literal["fp32", "int8_dynamic"]
 # where candidates come from: the published rule (masked LM for one-piece words, GloVe for multi-piece
 # words), GloVe for every eligible word (no masked LM needed), or the masked LM only (multi-piece words kept)
 CandidateSource = Literal["mlm_glove", "glove", "mlm"]
@@ -85,23 +87,30 @@ class MLMConfig:
     ``head``: a head fitted by ``run/fit_mlm_head.py`` (``*.safetensors`` with its ``.json``), required when
     the model has no masked-LM head of its own. ``input``: ``pair`` feeds "[CLS] masked [SEP] original [SEP]"
     as the published script does; ``masked_only`` feeds "[CLS] masked [SEP]". ``batch_size``: masked copies
-    per forward pass.
+    per forward pass; null = 32 on the CPU (smaller batches stay in cache), 64 on CUDA. ``precision``: ``fp32``,
+    or ``int8_dynamic``: the encoder's linears in row-wise dynamic int8 (:mod:`augment.int8`; CPU only, encoder
+    ≈ 2.5× faster; it changes some candidates, so it is part of the job identity).
     """
 
     model: Optional[str] = None
     head: Optional[str] = None
     input: MLMInput = "pair"
-    batch_size: int = 64
+    batch_size: Optional[int] = None
     max_seq_length: int = 512
     device: Device = "auto"
+    precision: MLMPrecision = "fp32"
 
     def validate(self, path: str = "augment.mlm") -> None:
         _check_opt_str(self.model, f"{path}.model")
         _check_opt_str(self.head, f"{path}.head")
         _check_choice(self.input, get_args(MLMInput), f"{path}.input")
-        _check_int(self.batch_size, f"{path}.batch_size", 1)
+        _check_int(self.batch_size, f"{path}.batch_size", 1, optional=True)
         _check_int(self.max_seq_length, f"{path}.max_seq_length", 8)
         _check_choice(self.device, get_args(Device), f"{path}.device")
+        _check_choice(self.precision, get_args(MLMPrecision), f"{path}.precision")
+        if self.precision == "int8_dynamic" and self.device == "cuda":
+            raise ConfigError(f"{path}.precision", '"int8_dynamic" runs PyTorch\'s CPU int8 kernels; with device '
+                              '"cuda" set precision to "fp32" (or device to "cpu")')
 
 
 @dataclass
@@ -111,12 +120,18 @@ class JobConfig:
     Examples are cut into chunks of ``chunk_size``; chunk k belongs to shard ``k % num_shards``; a chunk is
     committed as its own atomically written part file. ``shard_index``/``num_shards`` null = from
     RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS, else 0/1. ``parts_dir`` null = ``<output>.parts``.
+
+    ``chunks_per_group``: a worker augments up to this many pending chunks together (one candidate pass over all
+    their sentences: fuller length-sorted masked-LM batches, words shared across chunks looked up once) and
+    then commits each chunk on its own, so resume and the output are as with one chunk at a time. Null = auto:
+    up to 256 examples' worth, groups shrinking towards the end of the shard so that workers finish together.
     """
 
     num_workers: int = 1
     shard_index: Optional[int] = None
     num_shards: Optional[int] = None
     chunk_size: int = 64
+    chunks_per_group: Optional[int] = None
     parts_dir: Optional[str] = None
     on_bad_row: OnBadRow = "error"
     progress: bool = True
@@ -129,6 +144,7 @@ class JobConfig:
         if self.shard_index is not None and self.num_shards is not None and self.shard_index >= self.num_shards:
             raise ConfigError(f"{path}.shard_index", f"got {self.shard_index}; expected < num_shards ({self.num_shards})")
         _check_int(self.chunk_size, f"{path}.chunk_size", 1)
+        _check_int(self.chunks_per_group, f"{path}.chunks_per_group", 1, optional=True)
         _check_opt_str(self.parts_dir, f"{path}.parts_dir")
         _check_choice(self.on_bad_row, get_args(OnBadRow), f"{path}.on_bad_row")
         for name in ("progress", "merge"):
@@ -189,6 +205,9 @@ class AugmentConfig:
         _check_opt_str(self.stopwords, f"{path}.stopwords")
         self.glove.validate(f"{path}.glove")
         self.mlm.validate(f"{path}.mlm")
+        if self.candidate_source == "glove" and self.mlm.precision != "fp32":
+            raise ConfigError(f"{path}.mlm.precision", f"got {self.mlm.precision!r}, but candidate_source 'glove' runs "
+                              "no masked LM; leave precision at 'fp32'")
         self.job.validate(f"{path}.job")
 
     def _validate_columns(self, path: str) -> None:

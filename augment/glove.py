@@ -62,7 +62,7 @@ def load_packaged(directory: str, vocab_size: Optional[int] = None) -> GloveVect
 
     d = Path(directory)
     emb_file, index_file = _find_one(d, "*_emb.npy"), _find_one(d, "*_index.parquet")
-    table = pq.read_table(index_file)
+    table = pq.ParquetFile(index_file).read()  # not pq.read_table: that imports pyarrow.dataset and pandas (~0.4 s)
     string_cols = [c for c in table.column_names if str(table.schema.field(c).type) in ("string", "large_string")]
     if len(string_cols) != 1:
         raise DataError(str(index_file), f"expected one string column of words, found {string_cols}")
@@ -149,17 +149,25 @@ class GloveNeighbours:
         todo = sorted({w for w in words if w not in self._cache and w in self.index})
         for w in {w for w in words if w not in self.index}:
             self._cache[w] = []
+        if self.m == 0:  # a one-word vocabulary: no neighbours
+            self._cache.update((w, []) for w in todo)
+            return
         for start in range(0, len(todo), self.query_batch):
             batch = todo[start : start + self.query_batch]
             rows = torch.tensor([self.index[w] for w in batch], device=self.unit.device)
             sims = self.unit[rows] @ self.unit.T  # (b, V)
             sims[torch.arange(len(batch), device=sims.device), rows] = -float("inf")
-            top = torch.topk(sims, self.m, dim=1)
+            # one extra place: the (M+1)-th largest cosine equals the M-th exactly when more than M words
+            # reach the M-th value (a tie at the cut), without comparing the whole (b, V) matrix
+            top = torch.topk(sims, min(self.m + 1, sims.shape[1]), dim=1)
+            threshold = top.values[:, self.m - 1 : self.m]
+            if top.values.shape[1] > self.m:
+                tied_rows = (top.values[:, self.m] == top.values[:, self.m - 1]).nonzero().flatten().tolist()
+            else:
+                tied_rows = []
             # equal cosines at the M-th place: take the lower word indices, so the set never depends on
             # how topk happened to break the tie
-            threshold = top.values[:, -1:]
-            tied_rows = ((sims >= threshold).sum(dim=1) > self.m).nonzero().flatten().tolist()
-            ids_per_row = top.indices.tolist()
+            ids_per_row = top.indices[:, : self.m].tolist()
             for r in tied_rows:
                 t = float(threshold[r])
                 above = (sims[r] > t).nonzero().flatten()

@@ -9,9 +9,11 @@ Layout on disk (``parts`` = ``job.parts_dir`` or ``<output>.parts``; it must be 
     <output>.manifest.json         input sha256, parameters, seed, counts per shard, bad rows
 
 Examples are cut into chunks of ``chunk_size`` in input order; chunk k belongs to shard ``k % num_shards``.
-A chunk counts as done only when its marker exists, so a job killed at any point and started again redoes at
-most the chunks in flight, never duplicates or loses rows. Each example's random stream depends only on
-(seed, line number), so the result does not depend on workers, shards or restarts.
+A worker augments a *group* of pending chunks at once (:func:`plan_groups`; one candidate pass, fuller
+masked-LM batches) and commits the group's chunks one by one. A chunk counts as done only when its marker
+exists, so a job killed at any point and started again redoes at most the chunks in flight, never duplicates
+or loses rows. Each example's random stream depends only on (seed, line number), so the result does not
+depend on workers, shards, groups or restarts.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def _file_sha(path: Optional[str]) -> Optional[str]:
 
 
 def job_identity(cfg: AugmentConfig, input_sha256: str) -> dict:
-    """Everything the output depends on (not workers, shards or batch size)."""
+    """Everything the output depends on (not workers, shards, groups or batch size; the masked LM's precision
+    does change candidates, so it is recorded)."""
     identity = _identity(cfg, input_sha256)
     if cfg.task == "custom":
         identity["columns"] = {"text": cfg.text_columns, "label": cfg.label_column, "format": cfg.format}
@@ -115,10 +118,19 @@ def _identity(cfg: AugmentConfig, input_sha256: str) -> dict:
             "head_sha256": _file_sha(cfg.mlm.head),
             "input": cfg.mlm.input,
             "max_seq_length": cfg.mlm.max_seq_length,
+            "precision": cfg.mlm.precision,
         },
         "chunk_size": cfg.job.chunk_size,
         "on_bad_row": cfg.job.on_bad_row,
     }
+
+
+def _recorded_identity(recorded: dict) -> dict:
+    """A ``job.json`` as the current code writes it: one written before ``mlm.precision`` existed ran fp32."""
+    mlm = recorded.get("mlm")
+    if isinstance(mlm, dict) and "precision" not in mlm:
+        recorded = {**recorded, "mlm": {**mlm, "precision": "fp32"}}
+    return recorded
 
 
 @dataclass
@@ -200,7 +212,7 @@ def make_plan(cfg: AugmentConfig) -> Plan:
     parts.mkdir(parents=True, exist_ok=True)
     identity = job_identity(cfg, sha256_file(input_path))
     if job_file.is_file():
-        recorded = json.loads(job_file.read_text(encoding="utf-8"))
+        recorded = _recorded_identity(json.loads(job_file.read_text(encoding="utf-8")))
         if recorded != identity:
             diff = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
             raise ConfigError(
@@ -237,9 +249,9 @@ def _fields(example: Example) -> list[str]:
     return [example.text_a] if example.text_b is None else [example.text_a, example.text_b]
 
 
-def process_chunk(plan_info: dict, k: int, examples: Sequence[Example], augmenter) -> dict:
-    """Augment one chunk and commit it (tsv, then marker). Returns the marker's content."""
-    new = augmenter.augment([_fields(e) for e in examples], [e.line for e in examples], plan_info["seed"])
+def commit_chunk(plan_info: dict, k: int, examples: Sequence[Example], new: Sequence[Sequence[Sequence[str]]]) -> dict:
+    """Write chunk ``k``'s rows (each example, then its new texts ``new[i]`` per field) atomically, then its
+    marker. Returns the marker's content."""
     parts = Path(plan_info["parts_dir"])
     fmt = plan_info.get("format")
     tsv = chunk_file(parts, k, fmt)
@@ -267,23 +279,91 @@ def process_chunk(plan_info: dict, k: int, examples: Sequence[Example], augmente
     return marker
 
 
+def process_group(plan_info: dict, group: Sequence[tuple[int, Sequence[Example]]], augmenter) -> list[dict]:
+    """Augment the chunks ``group`` = [(k, examples), …] in one candidate pass (one pool of masked-LM queries and
+    GloVe words for all their sentences), then commit each chunk on its own, in order. A kill part-way leaves
+    the committed chunks done and the others pending. Returns the markers."""
+    examples = [e for _, chunk in group for e in chunk]
+    new = augmenter.augment([_fields(e) for e in examples], [e.line for e in examples], plan_info["seed"])
+    markers, pos = [], 0
+    for k, chunk in group:
+        markers.append(commit_chunk(plan_info, k, chunk, new[pos : pos + len(chunk)]))
+        pos += len(chunk)
+    return markers
+
+
+def process_chunk(plan_info: dict, k: int, examples: Sequence[Example], augmenter) -> dict:
+    """Augment one chunk and commit it (tsv, then marker). Returns the marker's content."""
+    return process_group(plan_info, [(k, examples)], augmenter)[0]
+
+
+#: auto ``chunks_per_group``: a group holds up to this many examples
+GROUP_EXAMPLES = 256
+
+
+def plan_groups(pending: Sequence[int], chunk_size: int, chunks_per_group: Optional[int], num_workers: int) -> list[list[int]]:
+    """Cut the pending chunks (in order) into the groups a worker augments together.
+
+    Guided sizes: each group takes ``min(g, ceil(remaining / (2 · num_workers)))`` chunks, ``g`` =
+    ``chunks_per_group`` or, when None, ``max(1, GROUP_EXAMPLES // chunk_size)``. Large groups come first (fuller
+    length-sorted batches), single chunks last, so that no worker is left with a large group at the end.
+    """
+    cap = chunks_per_group if chunks_per_group is not None else max(1, GROUP_EXAMPLES // chunk_size)
+    groups: list[list[int]] = []
+    start = 0
+    while start < len(pending):
+        remaining = len(pending) - start
+        size = max(1, min(cap, -(-remaining // (2 * num_workers))))
+        groups.append(list(pending[start : start + size]))
+        start += size
+    return groups
+
+
 # ---------------------------------------------------------------------------------------------- workers
 
 _WORKER: dict = {}
 
 
+def _portable_error(exc: BaseException) -> dict:
+    """An exception as plain data: ConfigError/DataError do not unpickle, and a Pool initializer that raises
+    makes the pool restart workers forever, so workers report errors as values."""
+    if isinstance(exc, ConfigError):
+        return {"kind": "config", "where": exc.path, "message": exc.message}
+    if isinstance(exc, DataError):
+        return {"kind": "data", "where": exc.source, "message": exc.message}
+    return {"kind": "other", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def _raise_portable(error: dict) -> None:
+    if error["kind"] == "config":
+        raise ConfigError(error["where"], error["message"])
+    if error["kind"] == "data":
+        raise DataError(error["where"], error["message"])
+    raise RuntimeError(f"augmentation worker failed: {error['message']}")
+
+
 def _worker_init(cfg_dict: dict, threads: int) -> None:
-    import torch
+    """Pool initializer: build the augmenter once per worker process (kept for every group it runs)."""
+    try:
+        import torch
 
-    torch.set_num_threads(threads)
-    from .build import build_augmenter
+        torch.set_num_threads(threads)
+        from .build import build_augmenter
 
-    _WORKER["augmenter"] = build_augmenter(config_from_dict(cfg_dict))
+        _WORKER["augmenter"] = build_augmenter(config_from_dict(cfg_dict))
+    except Exception as exc:  # reported by the first group this worker is given
+        _WORKER["error"] = _portable_error(exc)
 
 
 def _worker_run(args) -> dict:
-    plan_info, k, examples = args
-    return process_chunk(plan_info, k, examples, _WORKER["augmenter"])
+    """One group in a worker: ``{"markers": [...]}`` or ``{"error": {...}}``."""
+    if "error" in _WORKER:
+        return {"error": _WORKER["error"]}
+    plan_info, group = args
+    try:
+        return {"markers": process_group(plan_info, group, _WORKER["augmenter"])}
+    except Exception as exc:
+        return {"error": _portable_error(exc)}
 
 
 def config_from_dict(d: dict) -> AugmentConfig:
@@ -334,21 +414,27 @@ def run_shard(cfg: AugmentConfig, augmenter=None) -> ShardResult:
         plan.shard_index, plan.num_shards, len(pending), len(mine), len(mine) - len(pending),
     )
     bar = _progress(cfg, total, done_examples, f"augment {plan.shard_index}/{plan.num_shards}")
-    if pending:
-        if cfg.job.num_workers == 1:
-            if augmenter is None:
-                from .build import build_augmenter
+    groups = plan_groups(pending, cfg.job.chunk_size, cfg.job.chunks_per_group, cfg.job.num_workers)
+    work = [[(k, plan.chunk_examples(k)) for k in group] for group in groups]
+    if work and augmenter is None:
+        _check_precision_here(cfg)  # before any model loads, here or in a worker
+    if work and cfg.job.num_workers == 1:
+        if augmenter is None:
+            from .build import build_augmenter
 
-                augmenter = build_augmenter(cfg)
-            for k in pending:
-                marker = process_chunk(info, k, plan.chunk_examples(k), augmenter)
+            augmenter = build_augmenter(cfg)
+        for group in work:
+            for marker in process_group(info, group, augmenter):
                 bar.update(marker["examples"])
-        else:
-            threads = max(1, (os.cpu_count() or 1) // cfg.job.num_workers)
-            ctx = mp.get_context("spawn")
-            jobs = [(info, k, plan.chunk_examples(k)) for k in pending]
-            with ctx.Pool(cfg.job.num_workers, _worker_init, (dataclasses.asdict(cfg), threads)) as pool:
-                for marker in pool.imap_unordered(_worker_run, jobs):
+    elif work:
+        processes = min(cfg.job.num_workers, len(work))
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(processes, _worker_init, (dataclasses.asdict(cfg), threads)) as pool:
+            for result in pool.imap_unordered(_worker_run, [(info, group) for group in work]):
+                if "error" in result:
+                    _raise_portable(result["error"])
+                for marker in result["markers"]:
                     bar.update(marker["examples"])
     bar.close()
     merged = None
@@ -358,6 +444,15 @@ def run_shard(cfg: AugmentConfig, augmenter=None) -> ShardResult:
         else:
             logger.info("shard %d done; other shards still running: the last one merges", plan.shard_index)
     return ShardResult(plan.shard_index, plan.num_shards, len(mine), len(pending), merged)
+
+
+def _check_precision_here(cfg: AugmentConfig) -> None:
+    """Refuse ``int8_dynamic`` where it cannot run before any worker starts (a worker would load the model first)."""
+    if cfg.candidate_source != "glove" and cfg.mlm.precision == "int8_dynamic":
+        from .int8 import check_int8_dynamic
+        from .mlm import resolve_device
+
+        check_int8_dynamic(resolve_device(cfg.mlm.device))
 
 
 def _progress(cfg: AugmentConfig, total: int, initial: int, desc: str):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ds_kdqat.errors import ConfigError
 
-from .mlm_head import load_head
+from .mlm_head import apply_tuned_encoder, load_head
 
 _BRACKETED = re.compile(r"^\[[^\]]*\]$")
 
@@ -69,6 +69,17 @@ def build_query(
     room = max_len - len(first) - 1
     second = list(pieces[:room]) + [sep_id] if room > 0 else []
     return Query(tuple(first + second), (0,) * len(first) + (1,) * len(second), q + 1)
+
+
+def padded_batch(queries: Sequence[Query], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``token_type_ids``, ``attention_mask`` (B, T_max) of ``queries``, right-padded with
+    ``pad_id`` / 0 / 0; built from padded Python lists in one tensor call each."""
+    longest = max(len(q.input_ids) for q in queries)
+    ids = [(*q.input_ids, *(pad_id,) * (longest - len(q.input_ids))) for q in queries]
+    types = [(*q.token_type_ids, *(0,) * (longest - len(q.token_type_ids))) for q in queries]
+    attn = [(1,) * len(q.input_ids) + (0,) * (longest - len(q.input_ids)) for q in queries]
+    return (torch.tensor(ids, dtype=torch.long), torch.tensor(types, dtype=torch.long),
+            torch.tensor(attn, dtype=torch.long))
 
 
 def excluded_token_mask(tokenizer, subword_prefix: str = "##") -> torch.Tensor:
@@ -133,15 +144,7 @@ class MaskedLM:
     @torch.inference_mode()
     def mask_logits(self, queries: Sequence[Query]) -> torch.Tensor:
         """Logits (n, V) at the mask position of each query, all in one padded forward."""
-        longest = max(len(q.input_ids) for q in queries)
-        ids = torch.full((len(queries), longest), self.pad_id, dtype=torch.long)
-        types = torch.zeros((len(queries), longest), dtype=torch.long)
-        attn = torch.zeros((len(queries), longest), dtype=torch.long)
-        for i, q in enumerate(queries):
-            t = len(q.input_ids)
-            ids[i, :t] = torch.tensor(q.input_ids)
-            types[i, :t] = torch.tensor(q.token_type_ids)
-            attn[i, :t] = 1
+        ids, types, attn = padded_batch(queries, self.pad_id)
         extra = {"token_type_ids": types.to(self.device)} if self.use_token_types else {}
         hidden = self.encoder(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **extra).last_hidden_state
         rows = torch.arange(len(queries), device=self.device)
@@ -198,6 +201,7 @@ def load_masked_lm(model: Optional[str] = None, head: Optional[str] = None, devi
                 f"{head} was fitted for hidden {info['hidden_size']} / vocab {info['vocab_size']}, "
                 f"but {path} has hidden {emb.shape[1]} / vocab {emb.shape[0]}",
             )
+        apply_tuned_encoder(encoder, mlm_head, info, head)  # layers fitted with the head (format 2), if any
         mlm_head = mlm_head.eval().to(dev)
         encoder = encoder.to(dev)
         emb = encoder.get_input_embeddings().weight

@@ -100,11 +100,11 @@ def test_fit_head_learns(tmp_path):
     encoder, tok = AutoModel.from_pretrained(enc_dir), AutoTokenizer.from_pretrained(enc_dir)
     # a corpus with very few distinct tokens: the head must learn the unigram prior at least
     sentences = ["the movie is good", "the film is great", "the movie is bad", "the plot is dull"] * 60
-    opts = FitHeadOptions(rounds=2, epochs=4, batch_size=64, lr=1e-2, seed=0)
+    opts = FitHeadOptions(unfreeze_layers=0, rounds=2, epochs=4, batch_size=64, lr=1e-2, warmup=0.0, seed=0)
     logs = []
     head, stats = fit_mlm_head(encoder, tok, sentences, opts, log=logs.append)
-    assert stats["heldout_accuracy_after"] > stats["heldout_accuracy_before"] + 0.2
-    assert stats["heldout_accuracy_after"] > 0.4
+    assert stats["heldout_top1_after"] > stats["heldout_top1_before"] + 0.2
+    assert stats["heldout_top1_after"] > 0.4
     assert any("before" in s for s in logs) and any("after" in s for s in logs)
     assert not any(p.requires_grad for p in encoder.parameters())
 
@@ -170,12 +170,15 @@ def test_fit_mlm_head_command_writes_a_loadable_head(tmp_path, capsys):
     text.write_text("\n".join(["the movie is good", "the film is great", "a dull plot"] * 10) + "\n")
     out = tmp_path / "heads" / "tiny.safetensors"
     rc = _load_script("fit_mlm_head").main(
-        ["--text", str(text), "--model", enc, "--output", str(out), "--epochs", "1", "--device", "cpu"]
+        ["--text", str(text), "--model", enc, "--output", str(out), "--epochs", "1", "--device", "cpu",
+         "--unfreeze_layers", "1", "--rounds", "1"]
     )
     assert rc == 0 and out.is_file() and out.with_suffix(".json").is_file()
-    assert "held-out masked-token accuracy: before" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out masked-token accuracy: before top-1" in printed and "top-15 candidates" in printed
     lm = load_masked_lm(enc, str(out), device="cpu")
     assert lm.description["head_info"]["fit"]["train_sentences"] == 27
+    assert lm.description["head_info"]["tuned_layers"] == [1]
 
 
 def test_augment_command_reports_bad_config(tmp_path, capsys):

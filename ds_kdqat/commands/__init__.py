@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "KD-QAT of a ternary student (fine-tunes the teacher first when it needs to)"),
     "finetune": ("finetune", "fine-tune the full-precision teacher only (stage 1 of train)"),
     "augment": ("augment", "TinyBERT-style data augmentation of a task's train file"),
-    "fit-mlm-head": ("fit_mlm_head", "fit a masked-LM head on a frozen encoder that has none"),
+    "fit-mlm-head": ("fit_mlm_head", "fit a masked-LM head (with the top encoder layers) for an encoder that has none"),
     "analyze": ("analyze", "compare teacher, quantized and student on a data split; plot training curves"),
     "sweep": ("sweep", "run a grid of trainings and tabulate mean ± std per task"),
     "export": ("export", "write the self-contained export of a trained student (optionally ONNX too)"),
