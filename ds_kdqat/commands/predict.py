@@ -474,43 +474,20 @@ def qa_input_format(path: str, explicit: str) -> str:
     return explicit
 
 
-def _member(record: Any, key: str, kind: type, source: str, where: str) -> Any:
-    """``record[key]`` of type ``kind``; a DataError naming ``source`` and ``where.key`` otherwise."""
-    if not isinstance(record, dict):
-        raise DataError(source, f"{where}: expected a JSON object, got {type(record).__name__}")
-    if key not in record:
-        raise DataError(source, f"{where}: missing key {key!r}")
-    value = record[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise DataError(source, f"{where}.{key}: expected a {'string' if kind is str else kind.__name__}, got "
-                                f"{type(value).__name__}")
-    return value
-
-
 def squad_questions(data: Any, source: str) -> list:
     """The questions of a loaded SQuAD JSON object, gold answers not read (they may be absent): QAExamples
     without answers, in file order. A DataError names ``source`` and the place (``data[0].paragraphs[1]``) or
     ``source:<question id>``."""
-    from ..data.qa import QAExample
+    from ..data.qa import QAExample, json_key, squad_records
 
-    examples, seen = [], set()
-    for a, article in enumerate(_member(data, "data", list, source, "top level")):
-        for p, paragraph in enumerate(_member(article, "paragraphs", list, source, f"data[{a}]")):
-            where = f"data[{a}].paragraphs[{p}]"
-            context = _member(paragraph, "context", str, source, where)
-            for q, qa in enumerate(_member(paragraph, "qas", list, source, where)):
-                qid = _member(qa, "id", str, source, f"{where}.qas[{q}]")
-                question = _member(qa, "question", str, f"{source}:{qid}", "question").strip()
-                if not question:
-                    raise DataError(f"{source}:{qid}", "empty question")
-                if not context.strip():
-                    raise DataError(f"{source}:{qid}", f"{where}: empty context")
-                if qid in seen:
-                    raise DataError(f"{source}:{qid}", "duplicate question id")
-                seen.add(qid)
-                examples.append(QAExample(qid, question, context, ()))
-    if not examples:
-        raise DataError(source, "no questions")
+    examples = []
+    for qid, qa, context, where in squad_records(data, source):
+        question = json_key(qa, "question", str, f"{source}:{qid}", "question").strip()
+        if not question:
+            raise DataError(f"{source}:{qid}", "empty question")
+        if not context.strip():
+            raise DataError(f"{source}:{qid}", f"{where}: empty context")
+        examples.append(QAExample(qid, question, context, ()))
     return examples
 
 
@@ -531,7 +508,7 @@ def read_jsonl_questions(name: str, data: bytes, labelled: bool) -> list:
     """One question per JSON Lines object {"id", "question", "context"} (and with ``labelled`` "answers": texts
     or {"text": ...} objects, [] for no answer); a DataError names ``name:line``."""
     from ..data import files
-    from ..data.qa import QAExample
+    from ..data.qa import QAExample, json_key
 
     if not data.strip():
         raise DataError(name, "empty input (expected one {\"id\", \"question\", \"context\"} object per line)")
@@ -541,7 +518,7 @@ def read_jsonl_questions(name: str, data: bytes, labelled: bool) -> list:
         if record.reason is not None:
             raise DataError(where, record.reason)
         values = record.values
-        texts = [_member(values, key, str, where, "record") for key in ("id", "question", "context")]
+        texts = [json_key(values, key, str, where, "record") for key in ("id", "question", "context")]
         for key, text in zip(("question", "context"), texts[1:]):
             if not text.strip():
                 raise DataError(where, f"empty {key}")
@@ -555,7 +532,9 @@ def read_jsonl_questions(name: str, data: bytes, labelled: bool) -> list:
 
 def _gold_texts(values: dict, where: str) -> list[str]:
     """The gold answer texts of a JSON Lines question (--eval): its "answers" list."""
-    answers = _member(values, "answers", list, where, "record (--eval needs the gold answers)")
+    from ..data.qa import json_key
+
+    answers = json_key(values, "answers", list, where, "record (--eval needs the gold answers)")
     texts = []
     for i, answer in enumerate(answers):
         text = answer.get("text") if isinstance(answer, dict) else answer

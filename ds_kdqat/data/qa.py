@@ -25,7 +25,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -71,7 +71,8 @@ def _require(value: Any, kind: type, source: str, what: str) -> Any:
     return value
 
 
-def _key(record: Any, key: str, kind: type, source: str, where: str) -> Any:
+def json_key(record: Any, key: str, kind: type, source: str, where: str) -> Any:
+    """``record[key]`` of type ``kind``; a DataError naming ``source`` and ``where`` (``where.key``) otherwise."""
     if not isinstance(record, dict):
         raise DataError(source, f"{where}: expected an object, got {type(record).__name__}")
     if key not in record:
@@ -84,34 +85,40 @@ def parse_squad(data: Any, source: str, version: int = 1) -> list[QAExample]:
 
     ``version`` 1 refuses unanswerable questions; 2 allows them (``is_impossible: true``, no answers).
     """
-    examples: list[QAExample] = []
+    return [_parse_question(qa, qid, context, f"{source}:{qid}", version)
+            for qid, qa, context, _ in squad_records(data, source)]
+
+
+def squad_records(data: Any, source: str) -> Iterator[tuple[str, dict, str, str]]:
+    """``(question id, question record, context, where)`` of every question of a loaded SQuAD JSON object, in file
+    order, the structure checked (``where`` is the paragraph's place, ``data[0].paragraphs[1]``). A question id seen
+    before raises once the caller has read its record, and a file without questions raises at the end."""
     seen: set[str] = set()
-    for a, article in enumerate(_key(data, "data", list, source, "top level")):
-        for p, paragraph in enumerate(_key(article, "paragraphs", list, source, f"data[{a}]")):
+    for a, article in enumerate(json_key(data, "data", list, source, "top level")):
+        for p, paragraph in enumerate(json_key(article, "paragraphs", list, source, f"data[{a}]")):
             where = f"data[{a}].paragraphs[{p}]"
-            context = _key(paragraph, "context", str, source, where)
-            for q, qa in enumerate(_key(paragraph, "qas", list, source, where)):
-                qid = _key(qa, "id", str, source, f"{where}.qas[{q}]")
-                examples.append(_parse_question(qa, qid, context, f"{source}:{qid}", version))
+            context = json_key(paragraph, "context", str, source, where)
+            for q, qa in enumerate(json_key(paragraph, "qas", list, source, where)):
+                qid = json_key(qa, "id", str, source, f"{where}.qas[{q}]")
+                yield qid, qa, context, where
                 if qid in seen:
                     raise DataError(f"{source}:{qid}", "duplicate question id")
                 seen.add(qid)
-    if not examples:
+    if not seen:
         raise DataError(source, "no questions")
-    return examples
 
 
 def _parse_question(qa: dict, qid: str, context: str, source: str, version: int) -> QAExample:
-    question = _key(qa, "question", str, source, "question").strip()
+    question = json_key(qa, "question", str, source, "question").strip()
     if not question:
         raise DataError(source, "empty question")
     impossible = _require(qa.get("is_impossible", False), bool, source, "is_impossible")
     if impossible and version == 1:
         raise DataError(source, "is_impossible is true, but SQuAD v1.1 (version 1) has no unanswerable questions")
     answers = []
-    for i, answer in enumerate(_key(qa, "answers", list, source, "question")):
-        text = _key(answer, "text", str, source, f"answers[{i}]")
-        start = _key(answer, "answer_start", int, source, f"answers[{i}]")
+    for i, answer in enumerate(json_key(qa, "answers", list, source, "question")):
+        text = json_key(answer, "text", str, source, f"answers[{i}]")
+        start = json_key(answer, "answer_start", int, source, f"answers[{i}]")
         if not text or context[start:start + len(text)] != text or start < 0:
             found = context[max(start, 0):max(start, 0) + len(text)]
             raise DataError(source, f"answers[{i}]: answer_start {start} does not point at {text!r} in the "
