@@ -20,6 +20,17 @@ PIECES = ["##believ", "##able", "##ful", "##ing", "##s", "##ly"]
 VOCAB = SPECIALS + WORDS + PIECES
 
 # GloVe test vectors (3-d). Cosines are easy to compute by hand.
+# the sentences of a tiny sentiment train file (SST-2 layout) the augmentation tests share
+SST_ROWS = [
+    "The unbelievable movie isn't wonderful!",
+    "a very funny film , really good music and a great cast .",
+    "Boring plot, dull actor; the ending is long.",
+    "it is a charming story",
+    "the script is not good and the music is bad",
+    "a long movie with a short ending",
+    "really great actor , really dull director",
+]
+
 GLOVE_ROWS = {
     "unbelievable": [1.0, 0.0, 0.0],
     "incredible": [0.9, 0.1, 0.0],

@@ -17,18 +17,9 @@ from augment.job import manifest_path, run_shard, shard_from_env
 from ds_kdqat.data.glue_format import read_task_file
 from ds_kdqat.data.tasks import get_task
 from ds_kdqat.errors import ConfigError, DataError
-from test_augment_common import tiny_mlm_dir, write_glove_text
+from test_augment_common import SST_ROWS, tiny_mlm_dir, write_glove_text
 
 REPO = Path(__file__).resolve().parents[1]
-SST_ROWS = [
-    "The unbelievable movie isn't wonderful!",
-    "a very funny film , really good music and a great cast .",
-    "Boring plot, dull actor; the ending is long.",
-    "it is a charming story",
-    "the script is not good and the music is bad",
-    "a long movie with a short ending",
-    "really great actor , really dull director",
-]
 
 
 @pytest.fixture(scope="module")

@@ -25,20 +25,11 @@ from augment.reference import ReferenceAugmenter
 from augment.stopwords import load_stopwords
 from augment.words import WordSplitter
 from ds_kdqat.errors import ConfigError
-from test_augment_common import tiny_mlm_dir, write_glove_text
+from test_augment_common import SST_ROWS, tiny_mlm_dir, write_glove_text
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = [
-    "The unbelievable movie isn't wonderful!",
-    "a very funny film , really good music and a great cast .",
-    "Boring plot, dull actor; the ending is long.",
-    "it is a charming story",
-    "the script is not good and the music is bad",
-    "a long movie with a short ending",
-    "really great actor , really dull director",
-]
 # 14 sentences of varied lengths: 7 chunks of 2
-SENTENCES = BASE + [f"{s} {'very ' * (i % 3)}good" for i, s in enumerate(BASE)]
+SENTENCES = SST_ROWS + [f"{s} {'very ' * (i % 3)}good" for i, s in enumerate(SST_ROWS)]
 
 
 @pytest.fixture(scope="module")
