@@ -46,9 +46,11 @@ def window_spans(start_logits: Sequence[float], end_logits: Sequence[float], off
     return spans
 
 
-def predict_answer(context: str, windows: Sequence[tuple[np.ndarray, np.ndarray, Offsets, int]],
-                   settings: QASettings) -> str:
-    """The answer text of one question from its ``windows`` ``(start_logits, end_logits, offsets, cls_index)``."""
+def decide_answer(context: str, windows: Sequence[tuple[np.ndarray, np.ndarray, Offsets, int]],
+                  settings: QASettings) -> tuple[str, float]:
+    """The answer text of one question from its ``windows`` ``(start_logits, end_logits, offsets, cls_index)`` and
+    its score: the best span's ``start + end`` logit, or the no-answer score (the smallest ``start[cls] + end[cls]``
+    over the windows) when there is no span or, for SQuAD v2.0, the null rule picks no answer."""
     best, null = None, None
     for start, end, offsets, cls_index in windows:
         spans = window_spans(start, end, offsets, settings.n_best_size, settings.max_answer_length)
@@ -57,19 +59,32 @@ def predict_answer(context: str, windows: Sequence[tuple[np.ndarray, np.ndarray,
         window_null = float(start[cls_index] + end[cls_index])
         null = window_null if null is None else min(null, window_null)
     if best is None:
-        return ""
+        return "", float(null)
     if settings.version == 2 and null - best.score > settings.null_score_diff_threshold:
-        return ""
-    return context[best.start_char:best.end_char]
+        return "", float(null)
+    return context[best.start_char:best.end_char], float(best.score)
+
+
+def predict_answer(context: str, windows: Sequence[tuple[np.ndarray, np.ndarray, Offsets, int]],
+                   settings: QASettings) -> str:
+    """The answer text of one question (:func:`decide_answer` without its score)."""
+    return decide_answer(context, windows, settings)[0]
+
+
+def group_windows(num_examples: int, features: Sequence[QAFeature], feature_logits: Sequence) -> list[list[tuple]]:
+    """Per example, its windows ``(start_logits, end_logits, offsets, cls_index)`` in feature order, from
+    ``feature_logits[i]`` ((len_i, 2): start, end, as float64) of ``features[i]``."""
+    if len(features) != len(feature_logits):
+        raise ValueError(f"{len(feature_logits)} logit rows for {len(features)} features")
+    windows: list[list] = [[] for _ in range(num_examples)]
+    for feature, logits in zip(features, feature_logits):
+        logits = np.asarray(logits, dtype=np.float64)
+        windows[feature.example_index].append((logits[:, 0], logits[:, 1], feature.offsets, feature.cls_index))
+    return windows
 
 
 def predict_answers(examples: Sequence[QAExample], features: Sequence[QAFeature], feature_logits: Sequence,
                     settings: QASettings) -> dict[str, str]:
     """Question id -> predicted text, from ``feature_logits[i]`` ((len_i, 2): start, end) of ``features[i]``."""
-    if len(features) != len(feature_logits):
-        raise ValueError(f"{len(feature_logits)} logit rows for {len(features)} features")
-    windows: list[list] = [[] for _ in examples]
-    for feature, logits in zip(features, feature_logits):
-        logits = np.asarray(logits, dtype=np.float64)
-        windows[feature.example_index].append((logits[:, 0], logits[:, 1], feature.offsets, feature.cls_index))
+    windows = group_windows(len(examples), features, feature_logits)
     return {ex.id: predict_answer(ex.context, windows[i], settings) for i, ex in enumerate(examples)}

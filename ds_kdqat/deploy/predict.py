@@ -19,7 +19,7 @@ What an example is, by the export's ``task.kind`` (its manifest, ``model.kdqat_e
   truncated to ``max_query_length`` tokens, context windows of ``max_seq_length`` tokens overlapping by
   ``doc_stride``), the windows are batched (``batch_size`` windows per forward pass, in order, padded like the
   training collate) and each question's answer is decoded from its windows' start/end logits by
-  :func:`ds_kdqat.data.qa_post.predict_answer` (n-best spans, ``max_answer_length``, and for SQuAD v2.0 the
+  :func:`ds_kdqat.data.qa_post.decide_answer` (n-best spans, ``max_answer_length``, and for SQuAD v2.0 the
   no-answer rule with ``null_score_diff_threshold``). Those settings are the export's ``task.qa`` entry (and
   ``task.max_seq_length``); an export that predates them uses the :class:`~ds_kdqat.data.qa.QASettings`
   defaults and logs a warning saying so.
@@ -364,22 +364,12 @@ class Predictor:
 
     def answers(self, examples: Sequence[Any], features: Sequence[Any], logits: Sequence[Any]) -> list[QAPrediction]:
         """One :class:`QAPrediction` per example (input order) from its windows' ``logits`` (:meth:`feature_logits`
-        of ``features``): the answer of :func:`ds_kdqat.data.qa_post.predict_answer`, and its score."""
-        import numpy as np
+        of ``features``): the answer of :func:`ds_kdqat.data.qa_post.decide_answer`, and its score."""
+        from ds_kdqat.data.qa_post import decide_answer, group_windows
 
-        from ds_kdqat.data.qa_post import predict_answer
-
-        if len(features) != len(logits):
-            raise ValueError(f"{len(logits)} logit rows for {len(features)} windows")
-        windows: list[list] = [[] for _ in examples]
-        for feature, rows in zip(features, logits):
-            rows = np.asarray(rows, dtype=np.float64)
-            windows[feature.example_index].append((rows[:, 0], rows[:, 1], feature.offsets, feature.cls_index))
-        predictions = []
-        for example, own in zip(examples, windows):
-            answer = predict_answer(example.context, own, self.qa_settings)
-            predictions.append(QAPrediction(example.id, answer, answer_score(answer, own, self.qa_settings)))
-        return predictions
+        windows = group_windows(len(examples), features, logits)
+        return [QAPrediction(example.id, *decide_answer(example.context, own, self.qa_settings))
+                for example, own in zip(examples, windows)]
 
     def predict_qa(self, examples: Sequence[Any], batch_size: int = 32) -> list[QAPrediction]:
         """:meth:`answers` of ``examples`` (QAExamples): windows, batched forward passes, span decoding."""
@@ -404,25 +394,6 @@ def qa_example(item: Any, index: int) -> Any:
         if key != "id" and not item[key].strip():
             raise DataError(where, f"empty {key}")
     return QAExample(item["id"], item["question"].strip(), item["context"], ())
-
-
-def answer_score(answer: str, windows: Sequence[tuple], settings: Any) -> float:
-    """The score of ``answer`` (:func:`~ds_kdqat.data.qa_post.predict_answer` of ``windows``
-    ``(start_logits, end_logits, offsets, cls_index)``): its best span's ``start + end`` logit, or the no-answer
-    score (smallest ``start[cls] + end[cls]``) when the answer is ``""`` for want of a span or by the v2.0
-    null rule."""
-    from ds_kdqat.data.qa_post import window_spans
-
-    best, null = None, None
-    for start, end, offsets, cls_index in windows:
-        spans = window_spans(start, end, offsets, settings.n_best_size, settings.max_answer_length)
-        if spans and (best is None or spans[0].score > best):
-            best = spans[0].score
-        window_null = float(start[cls_index] + end[cls_index])
-        null = window_null if null is None else min(null, window_null)
-    if best is None or (answer == "" and settings.version == 2 and null - best > settings.null_score_diff_threshold):
-        return float(null)
-    return float(best)
 
 
 def label_field(task: dict) -> str:
