@@ -324,29 +324,24 @@ def plan_groups(pending: Sequence[int], chunk_size: int, chunks_per_group: Optio
 _WORKER: dict = {}
 
 
-def _portable_error(exc: BaseException) -> dict:
-    """An exception as plain data: ConfigError/DataError do not unpickle, and a Pool initializer that raises
-    makes the pool restart workers forever, so workers report errors as values."""
-    if isinstance(exc, ConfigError):
-        return {"kind": "config", "where": exc.path, "message": exc.message}
-    if isinstance(exc, DataError):
-        return {"kind": "data", "where": exc.source, "message": exc.message}
-    return {"kind": "other", "message": f"{type(exc).__name__}: {exc}"}
-
-
-def _raise_portable(error: dict) -> None:
-    if error["kind"] == "config":
-        raise ConfigError(error["where"], error["message"])
-    if error["kind"] == "data":
-        raise DataError(error["where"], error["message"])
-    raise RuntimeError(f"augmentation worker failed: {error['message']}")
+def _portable_error(exc: BaseException) -> BaseException:
+    """What a worker reports for ``exc`` (as a value: a Pool initializer that raises makes the pool restart workers
+    forever): our ConfigError/DataError themselves (they pickle with their fields), anything else as a
+    RuntimeError naming its type and message (an arbitrary exception need not unpickle)."""
+    if isinstance(exc, (ConfigError, DataError)):
+        return exc
+    return RuntimeError(f"augmentation worker failed: {type(exc).__name__}: {exc}")
 
 
 def _worker_init(cfg_dict: dict, threads: int) -> None:
-    """Pool initializer: build the augmenter once per worker process (kept for every group it runs)."""
+    """Pool initializer: build the augmenter once per worker process (kept for every group it runs). The worker
+    keeps freed tensor memory for its next batches (:func:`ds_kdqat.allocator.retain_freed_memory`)."""
     try:
         import torch
 
+        from ds_kdqat.allocator import retain_freed_memory
+
+        retain_freed_memory()
         torch.set_num_threads(threads)
         from .build import build_augmenter
 
@@ -356,7 +351,7 @@ def _worker_init(cfg_dict: dict, threads: int) -> None:
 
 
 def _worker_run(args) -> dict:
-    """One group in a worker: ``{"markers": [...]}`` or ``{"error": {...}}``."""
+    """One group in a worker: ``{"markers": [...]}`` or ``{"error": exception}`` (:func:`_portable_error`)."""
     if "error" in _WORKER:
         return {"error": _WORKER["error"]}
     plan_info, group = args
@@ -433,7 +428,7 @@ def run_shard(cfg: AugmentConfig, augmenter=None) -> ShardResult:
         with ctx.Pool(processes, _worker_init, (dataclasses.asdict(cfg), threads)) as pool:
             for result in pool.imap_unordered(_worker_run, [(info, group) for group in work]):
                 if "error" in result:
-                    _raise_portable(result["error"])
+                    raise result["error"]
                 for marker in result["markers"]:
                     bar.update(marker["examples"])
     bar.close()

@@ -1,4 +1,8 @@
-"""Errors that name where the bad input is."""
+"""Errors that name where the bad input is.
+
+They pickle with their fields (``__reduce__``), so a worker process can raise one and its parent re-raise the
+same error (an exception pickles by its ``args``, which here hold the joined message, not the two fields).
+"""
 
 
 class ConfigError(ValueError):
@@ -13,6 +17,9 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"{path}: {message}" if path else message)
 
+    def __reduce__(self):
+        return (type(self), (self.path, self.message))
+
 
 class DataError(ValueError):
     """A data file is malformed. ``source`` is ``file`` or ``file:line``."""
@@ -21,6 +28,9 @@ class DataError(ValueError):
         self.source = source
         self.message = message
         super().__init__(f"{source}: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.source, self.message))
 
 
 class OutputFolderError(ConfigError):

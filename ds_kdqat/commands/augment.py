@@ -110,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if args.merge_only:
         print(f"merged: {merge_only(cfg)}")
         return 0
+    if cfg.job.num_workers == 1:  # this process does the work: keep its freed tensor memory for the next batches
+        from ds_kdqat.allocator import retain_freed_memory
+
+        retain_freed_memory()
     result = run_shard(cfg)
     print(
         f"shard {result.shard_index}/{result.num_shards}: {result.chunks_run} chunks run, "
