@@ -337,6 +337,30 @@ def test_fusion_follows_each_family_roles(family, weights):
         assert fused.distilbert.transformer.layer[0].attention.out_lin.fused is None
 
 
+@pytest.mark.parametrize("weights, onednn", [("int8", False), ("int8", True), ("packed2", False)])
+def test_t5_reads_of_wo_weight_unpack_once_a_forward(weights, onednn, monkeypatch):
+    """HF's T5 FFN reads ``wo.weight`` three times a forward (its dtype check); codes not held as a plain tensor
+    are unpacked on the first read only, and a forward lets the unpacked copy go."""
+    if onednn and not has_onednn_linear():
+        pytest.skip("no oneDNN quantized linear in this PyTorch build")
+    model, inputs, _ = _family_student("t5")
+    integer = _integer(model, weights=weights, onednn=onednn)
+    wo = [layer.layer[-1].DenseReluDense.wo for layer in integer.encoder.block]
+    assert all(isinstance(m, IntLinear) for m in wo)
+    calls = []
+    real = IntLinear._codes_copy
+    monkeypatch.setattr(IntLinear, "_codes_copy", lambda self: calls.append(self) or real(self))
+    logits = _logits(integer, inputs)
+    plain = weights == "int8" and not onednn
+    assert len(calls) == (0 if plain else len(wo)) and all(m in wo for m in calls)
+    assert all("_weight_read" not in m.__dict__ for m in wo)  # each forward of wo dropped its copy
+    assert torch.equal(_logits(integer, inputs), logits)
+    codes = wo[0].weight
+    assert codes.dtype == torch.int8 and codes.shape == (wo[0].out_features, wo[0].in_features)
+    assert wo[0].weight is codes  # a second read before the next forward: the same tensor
+    assert torch.equal(codes, _integer(model, onednn=False).encoder.block[0].layer[-1].DenseReluDense.wo.weight)
+
+
 @pytest.mark.parametrize("preset", ["ternarybert", "binary", "ternarybert_lsq", "w8a8"])
 def test_packed2_weights_give_the_int8_outputs(preset, tokenizer, tmp_path):
     model, inputs = _student(preset), _inputs(tokenizer)

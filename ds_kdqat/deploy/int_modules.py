@@ -176,6 +176,7 @@ class _CodeHolder:
         return True
 
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_weight_read", None)
         had = self._drop_onednn()
         module = super()._apply(fn, recurse)
         if had:
@@ -235,12 +236,18 @@ class IntLinear(_CodeHolder, nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The int8 codes (out, in), under the name model code reads (HF's T5 checks ``wo.weight.dtype`` and
-        leaves an int8 weight's input in its own dtype). Codes not held as a plain tensor (packed, prepacked,
-        fused) are unpacked into a new tensor on each read. Decoded values: ``weight_int.dequantize()``."""
-        if self.fused is not None:
-            return self.fused.member_codes(self.fused_index)
-        return self._codes_copy()
+        """The int8 codes (out, in), under the name model code reads (HF's T5 reads ``wo.weight`` three times a
+        forward to check its dtype, and leaves an int8 weight's input in its own dtype). Codes held as a plain
+        tensor are that tensor; others (packed, prepacked, fused) are unpacked on the first read into a new
+        tensor, which later reads return until the module's next forward or move: the reads before a forward
+        unpack once. Decoded values: ``weight_int.dequantize()``."""
+        if self.fused is None and self.weight_codes is not None:
+            return self.weight_codes
+        held = self.__dict__.get("_weight_read")
+        if held is None:
+            held = self.fused.member_codes(self.fused_index) if self.fused is not None else self._codes_copy()
+            self.__dict__["_weight_read"] = held
+        return held
 
     @property
     def weight_int(self) -> IntTensor:
@@ -263,6 +270,7 @@ class IntLinear(_CodeHolder, nn.Module):
         return encoded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.__dict__.pop("_weight_read", None)
         if self.fused is not None:
             return self.fused(self.fused_index, x)
         if self.act_quant is None:
