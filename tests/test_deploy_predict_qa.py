@@ -300,3 +300,63 @@ def test_the_export_command_records_the_run_configs_qa_settings():
     assert (settings.max_seq_length, settings.doc_stride, settings.max_query_length, settings.version) == (32, 8, 8, 1)
     assert recorded_qa_settings(TASKS["squad"], None, 32) is None  # a bare student folder: nothing to record
     assert recorded_qa_settings(TASKS["sst2"], run_config, 32) is None
+
+
+def _export_args(*flags: str):
+    import argparse
+
+    from ds_kdqat.commands.export import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["student", *flags])
+
+
+def test_the_export_command_takes_qa_settings_as_flags():
+    from ds_kdqat.commands.export import recorded_qa_settings
+    from ds_kdqat.data.tasks import TASKS
+
+    squad = TASKS["squad"]
+    args = _export_args("--task", "squad", "--qa_version", "2", "--doc_stride", "10", "--null_score_diff_threshold",
+                        "-0.5")
+    # a bare student folder: the flags over the defaults, whose max_query_length 64 leaves no context at 48 tokens
+    with pytest.raises(ConfigError, match="no context token is left") as caught:
+        recorded_qa_settings(squad, None, 48, args)
+    assert caught.value.path == "--max_query_length"
+    args = _export_args("--task", "squad", "--qa_version", "2", "--doc_stride", "10", "--max_query_length", "16",
+                        "--null_score_diff_threshold", "-0.5")
+    assert recorded_qa_settings(squad, None, 48, args) == QASettings(2, 48, 10, 16, 30, -0.5, 20)
+    # over a run config's: the flags win, the rest is the run's
+    run_config = types.SimpleNamespace(kdqat=types.SimpleNamespace(data=_data_config(doc_stride=8, max_query_length=8,
+                                                                                     max_answer_length=12)))
+    got = recorded_qa_settings(squad, run_config, 32, _export_args("--max_answer_length", "5"))
+    assert (got.version, got.max_seq_length, got.doc_stride, got.max_query_length, got.max_answer_length) == \
+        (1, 32, 8, 8, 5)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--qa_version", "3"], "--qa_version"),
+    (["--doc_stride", "0"], "--doc_stride"),
+    (["--max_answer_length", "-2"], "--max_answer_length"),
+    (["--null_score_diff_threshold", "nan"], "--null_score_diff_threshold"),
+    (["--max_query_length", "46"], "--max_query_length"),  # 48 - 46 - 3: no context token left
+    (["--max_query_length", "40"], "--doc_stride"),  # 48 - 40 - 3 = 5 context tokens; stride 10 does not fit
+    (["--doc_stride", "40", "--max_query_length", "8"], "--doc_stride"),  # room 37
+])
+def test_bad_qa_flags_name_the_flag(flags, named):
+    from ds_kdqat.commands.export import recorded_qa_settings
+    from ds_kdqat.data.tasks import TASKS
+
+    args = _export_args("--doc_stride", "10", *flags) if "--doc_stride" not in flags else _export_args(*flags)
+    with pytest.raises(ConfigError) as caught:
+        recorded_qa_settings(TASKS["squad"], None, 48, args)
+    assert caught.value.path == named
+
+
+def test_qa_flags_for_another_task_are_refused():
+    from ds_kdqat.commands.export import recorded_qa_settings
+    from ds_kdqat.data.tasks import TASKS
+
+    with pytest.raises(ConfigError, match="only for a question-answering task") as caught:
+        recorded_qa_settings(TASKS["sst2"], None, 48, _export_args("--max_answer_length", "5"))
+    assert caught.value.path == "--max_answer_length"

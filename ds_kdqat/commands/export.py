@@ -12,7 +12,9 @@ folder (HF weights + kdqat_quant.json). The task (labels, text fields, max_seq_l
 config: the run folder's, or for a student folder its parent's when that is a run folder. Otherwise, or to
 override it: --task NAME (a registered task), --labels a,b,... (a classifier's classes; with no --task, a custom
 classification task reading --text_columns, default "text"), --task_type regression, --max_seq_length N.
-Classes the run took from its data are read from the student's config (id2label).
+Classes the run took from its data are read from the student's config (id2label). A question-answering export
+(--task squad) records the window and decoding settings predict uses: the run config's, or --qa_version,
+--doc_stride, --max_query_length, --max_answer_length, --null_score_diff_threshold.
 
 The export folder: --out, default RUN/student_packed for a run folder (required for a student folder). It is
 written beside and moved into place; an existing export there is replaced only with --overwrite, and a
@@ -54,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--text_columns", nargs="+", default=None, metavar="COLUMN",
                       help="a custom task's text column(s) (default: text)")
     task.add_argument("--max_seq_length", type=int, default=None, help="tokens per example the export reads")
+    qa = parser.add_argument_group("question answering (task squad): the window and decoding settings predict uses, "
+                                   "recorded in the export (default: the run config's, else the QA defaults)")
+    for key, (kind, text) in QA_FLAGS.items():
+        qa.add_argument(qa_flag(key), type=kind, default=None, dest=f"qa_{key}", help=text)
 
 
 # --------------------------------------------------------------------------------------------- source
@@ -176,17 +182,50 @@ def resolve_task(args: argparse.Namespace, run_config, student: Path):
     return spec, max_seq_length
 
 
-def recorded_qa_settings(spec, run_config, max_seq_length: int):
-    """The QA settings to record in a QA export (``task.qa``): the run config's (``kdqat.data``), with the
-    export's ``max_seq_length``; None for another task, or without a run config (then ``predict`` falls back to
-    the QASettings defaults and says so)."""
+QA_FLAGS = {
+    "version": (int, "1 = SQuAD v1.1 (every question answered), 2 = v2.0 (unanswerable questions)"),
+    "doc_stride": (int, "tokens shared by consecutive context windows"),
+    "max_query_length": (int, "question tokens kept"),
+    "max_answer_length": (int, "longest predicted answer, in tokens"),
+    "null_score_diff_threshold": (float, 'v2.0: answer "" when the null score exceeds the best span\'s by more'),
+}
+"""The QA settings the export command takes as flags (:func:`qa_flag`), the keys of ``task.qa``."""
+
+
+def qa_flag(key: str) -> str:
+    return "--qa_version" if key == "version" else f"--{key}"
+
+
+def recorded_qa_settings(spec, run_config, max_seq_length: int, args: Optional[argparse.Namespace] = None):
+    """The QA settings to record in a QA export (``task.qa``): the run config's (``kdqat.data``; else the
+    QASettings defaults), with the export's ``max_seq_length`` and the QA flags given in ``args``; None for
+    another task, or without run config and flags (then ``predict`` falls back to the defaults and says so).
+    QA flags for another task, or values out of range, are a ConfigError naming the flag."""
     import dataclasses
+    import math
 
-    if not spec.is_qa or run_config is None:
+    from ..data.qa import QASettings
+    from ..data.qa_config import check_qa_window, qa_settings
+
+    given = {key: getattr(args, f"qa_{key}") for key in QA_FLAGS if getattr(args, f"qa_{key}", None) is not None}
+    if not spec.is_qa:
+        if given:
+            raise ConfigError(qa_flag(next(iter(given))), f"only for a question-answering task (squad); the task is "
+                                                          f"{spec.name!r}")
         return None
-    from ..data.qa_config import qa_settings
-
-    return dataclasses.replace(qa_settings(run_config.kdqat.data), max_seq_length=max_seq_length)
+    if run_config is None and not given:
+        return None
+    for key, value in given.items():
+        if key == "version" and value not in (1, 2):
+            raise ConfigError(qa_flag(key), f"got {value}; allowed: 1 (SQuAD v1.1), 2 (SQuAD v2.0)")
+        if QA_FLAGS[key][0] is int and key != "version" and value < 1:
+            raise ConfigError(qa_flag(key), f"expected an integer >= 1, got {value}")
+        if QA_FLAGS[key][0] is float and not math.isfinite(value):
+            raise ConfigError(qa_flag(key), f"expected a finite number, got {value}")
+    base = qa_settings(run_config.kdqat.data) if run_config is not None else QASettings()
+    settings = dataclasses.replace(base, max_seq_length=max_seq_length, **given)
+    check_qa_window(settings, qa_flag)
+    return settings
 
 
 def with_flag_labels(spec, labels: list[str]):
@@ -285,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
     student, run_dir = locate(args.source)
     run_config = read_run_config(run_dir) if run_dir is not None else None
     spec, max_seq_length = resolve_task(args, run_config, student)
+    qa = recorded_qa_settings(spec, run_config, max_seq_length, args)
     out = default_out(args, run_dir, student)
     # a run's own student_packed/ is the training job's export of the same student: re-exporting it (to add
     # ONNX, or another packing) needs no --overwrite
@@ -300,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = adapter_for(model)
     pixels = adapter.input_kind == "pixels"
     task = task_description(spec, None if pixels else max_seq_length, adapter.input_kind, adapter.token_type_ids,
-                            qa=recorded_qa_settings(spec, run_config, max_seq_length))
+                            qa=qa)
     had_onnx = out.is_dir() and any(p.name.startswith(ONNX_PREFIX) for p in out.iterdir())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

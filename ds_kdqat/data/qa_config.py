@@ -17,7 +17,7 @@ These keys are refused for every other task; ``dev_file`` is QA's only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ds_kdqat.configtools import is_finite_number, is_int
 from ds_kdqat.data.qa import QASettings
@@ -60,13 +60,18 @@ def validate_qa_keys(config: Any, spec: Any, path: str) -> None:
     threshold = config.null_score_diff_threshold
     if threshold is not None and not is_finite_number(threshold):
         raise ConfigError(f"{path}.null_score_diff_threshold", f"expected a finite number, got {threshold!r}")
-    settings = qa_settings(config)
+    check_qa_window(qa_settings(config), lambda key: f"{path}.{key}")
+
+
+def check_qa_window(settings: QASettings, where: Callable[[str], str]) -> None:
+    """ConfigError at ``where(key)`` when a window of ``settings`` leaves no token for the context, or its stride
+    is not below the context room (``max_seq_length − max_query_length − 3``)."""
     room = settings.max_seq_length - settings.max_query_length - _SPECIAL_TOKENS
     if room < 1:
-        raise ConfigError(f"{path}.max_query_length", f"got {settings.max_query_length}; with max_seq_length "
+        raise ConfigError(where("max_query_length"), f"got {settings.max_query_length}; with max_seq_length "
                           f"{settings.max_seq_length} no context token is left")
     if settings.doc_stride >= room:
-        raise ConfigError(f"{path}.doc_stride", f"got {settings.doc_stride}; must be below the context room of a "
+        raise ConfigError(where("doc_stride"), f"got {settings.doc_stride}; must be below the context room of a "
                           f"window, max_seq_length - max_query_length - 3 = {room}")
 
 
